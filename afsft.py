@@ -1,0 +1,603 @@
+"""afsft.py: Advantage-Filtered SFT (AFSFT) for vision-language agents, in one file.
+
+The method of "VLM Q-Learning: Aligning Vision-Language Models for Interactive
+Decision-Making" (Grigsby, Zhu, Ryoo, Niebles, 2025). A VLM with LoRA adapters
+gets a second output head, a critic Q(s, .) over the vocabulary, learned by
+TD; the policy imitates only the response tokens whose advantage is positive.
+With `--filter none` it is plain SFT. The equations cited as (1)-(5) are
+written out in DESIGN.md section 1 and in the README.
+
+    python envs.py collect --env babyai --policy mixed --expert-fraction 0.3 --episodes 300 --out data.pt
+    python afsft.py --env babyai --offline data.pt --out runs/afsft
+    python afsft.py --env babyai --offline data.pt --out runs/sft --filter none   # the SFT baseline
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import envs
+
+
+# ---------------------------------------------------------------------------
+# Args: every hyperparameter is a documented flag.
+# ---------------------------------------------------------------------------
+def flag(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    env: str = flag("babyai", "short name (babyai, ...) or a full id such as BabyAI-GoToLocal-v0")
+    offline: str = flag("", "afsft-v1 dataset that fills the buffer before the offline steps")
+    out: str = flag("runs/afsft", "run directory: metrics.jsonl, eval.json, checkpoint/")
+    resume: str = flag("", "continue the run saved in this directory")
+    model: str = flag("tiny", "'tiny' (built offline) or a hub id / path of an image-text-to-text model")
+    finetune: str = flag("auto", "lora: adapters on the language model; full: every weight; auto: full for tiny",
+                         choices=["auto", "lora", "full"])
+    lora_rank: int = flag(16, "LoRA rank")
+    critic_head: str = flag("lowrank", "Q = W_lm h + B(A h) + b with W_lm frozen (lowrank), or a full head",
+                            choices=["lowrank", "full"])
+    critic_rank: int = flag(32, "rank of the low-rank critic delta")
+    filter: str = flag("binary", "advantage filter f(A): binary 1[A>0], exp min(exp(beta A), w_max), none = SFT",
+                       choices=["binary", "exp", "none"])
+    beta: float = flag(1.0, "temperature of the exp filter")
+    max_weight: float = flag(20.0, "w_max, the cap of the exp filter")
+    sft_warmup: float = flag(0.2, "fraction of the offline steps trained with the filter off")
+    gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
+    tau: float = flag(0.005, "EMA rate of the target critic head")
+    critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
+    lr: float = flag(1e-3, "AdamW learning rate")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    grad_clip: float = flag(1.0, "max gradient norm")
+    batch_turns: int = flag(32, "turns per gradient step")
+    run_length: int = flag(8, "consecutive turns of one episode sampled together (they bootstrap each other)")
+    offline_steps: int = flag(1000, "gradient steps on the buffer before any interaction")
+    online_steps: int = flag(0, "online rounds: collect --rollout-len turns per env, then --updates-per-round steps")
+    num_envs: int = flag(8, "environments stepped in parallel (one batched generate per turn)")
+    rollout_len: int = flag(16, "turns per env per online round")
+    updates_per_round: int = flag(8, "gradient steps per online round")
+    temperature: float = flag(1.0, "sampling temperature of online rollouts")
+    max_new_tokens: int = flag(24, "longest response, in tokens (longer dataset responses are cut)")
+    eval_episodes: int = flag(50, "greedy evaluation episodes at the end")
+    eval_every: int = flag(0, "also evaluate every N steps (0: only at the end)")
+    eval_temperature: float = flag(0.0, "0 decodes greedily")
+    scheme: str = flag("tag", "prompting scheme of the env: [action] tag or JSON", choices=["tag", "json"])
+    invalid_penalty: float = flag(0.1, "reward penalty for a response that is not a valid action")
+    history: int = flag(0, "list this many recent actions in the prompt")
+    image_size: int = flag(56, "tiny model: square image side fed to the vision tower")
+    seed: int = flag(0, "seed of the model, sampling and environments")
+    log_every: int = flag(25, "write a metrics.jsonl line every N steps")
+    save_every: int = flag(500, "write the checkpoint every N steps (and at the end)")
+    save_buffer: bool = flag(False, "also save the online episodes with the checkpoint")
+    device: str = flag("auto", "cpu, cuda, or auto")
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Args):
+        kind = type(f.default)
+        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"] +
+                            " (default: %(default)s)", choices=f.metadata.get("choices"), **extra)
+    args = Args(**vars(parser.parse_args(argv)))
+    problems = [name for name, ok in [
+        ("--gamma in [0, 1]", 0 <= args.gamma <= 1), ("--tau in (0, 1]", 0 < args.tau <= 1),
+        ("--sft-warmup in [0, 1]", 0 <= args.sft_warmup <= 1), ("--lr > 0", args.lr > 0),
+        ("--batch-turns, --run-length, --num-envs, --max-new-tokens >= 1",
+         min(args.batch_turns, args.run_length, args.num_envs, args.max_new_tokens) >= 1),
+        ("--offline-steps, --online-steps, --eval-episodes >= 0",
+         min(args.offline_steps, args.online_steps, args.eval_episodes) >= 0),
+        ("--offline needs a file when --offline-steps > 0", args.offline or args.resume or args.offline_steps == 0),
+    ] if not ok]
+    if problems:
+        parser.error("expected " + "; ".join(problems))
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Model: a VLM trunk (LoRA or full), its language head (the policy) and a
+# critic head Q(s, .) shaped like it, plus the critic's EMA target copy.
+# ---------------------------------------------------------------------------
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] is string %}{{ m['content'] }}"
+                 "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}"
+                 "{% endif %}{% endfor %}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def build_tiny_vlm(corpus, image_size, path):
+    """A real LLaVA (SigLIP tower + Llama text model) with a byte-level BPE tokenizer fitted to `corpus`.
+
+    Random weights, nothing downloaded. It is saved to `path`, so that it loads
+    exactly like a pretrained model does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              PreTrainedTokenizerFast, SiglipVisionConfig)
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<|end|>", "<image>", "<|user|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<|end|>")
+    processor = LlavaProcessor(image_processor=SiglipImageProcessorPil(size={"height": image_size, "width": image_size}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="full",
+                               chat_template=CHAT_TEMPLATE)
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=image_size, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512,
+                                num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=512,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                bos_token_id=None, tie_word_embeddings=False),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="full",
+        vision_feature_layer=-1, projector_hidden_act="gelu")
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+class CriticHead(nn.Module):
+    """Q(s, a) for every token a. lowrank: Q = W_lm h + B(A h) + b, with W_lm a frozen copy of the
+    language head, so the trainable part is d*r + r*|V| + |V| instead of d*|V| (DESIGN.md section 1)."""
+
+    def __init__(self, lm_head: nn.Linear, kind: str, rank: int):
+        super().__init__()
+        self.base = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
+        self.base.weight.data.copy_(lm_head.weight.data.float())
+        self.base.weight.requires_grad_(kind == "full")
+        self.down = nn.Linear(lm_head.in_features, rank, bias=False) if kind == "lowrank" else None
+        self.up = nn.Linear(rank, lm_head.out_features) if kind == "lowrank" else None
+        self.bias = nn.Parameter(torch.zeros(lm_head.out_features))
+        if self.up is not None:
+            nn.init.zeros_(self.up.weight)  # starts exactly at the language head's logits
+            self.up.bias = None
+
+    def forward(self, h):
+        q = self.base(h) + self.bias
+        return q + self.up(self.down(h)) if self.down is not None else q
+
+
+class Agent(nn.Module):
+    def __init__(self, policy, processor, args: Args):
+        super().__init__()
+        self.policy, self.processor = policy, processor  # policy: the VLM, peft-wrapped under LoRA
+        self.vlm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        self.critic = CriticHead(self.vlm.get_output_embeddings(), args.critic_head, args.critic_rank)
+        self.target = copy.deepcopy(self.critic).requires_grad_(False)
+
+    def features(self, inputs, state_mask):
+        """Last hidden states at the response's state positions only: the heads never see the
+        prompt or image tokens, which with a 150k vocabulary would be most of the memory."""
+        hidden = self.vlm.model(**inputs).last_hidden_state
+        return hidden[state_mask]
+
+    @torch.no_grad()
+    def update_target(self, tau):
+        for target, online in zip(self.target.parameters(), self.critic.parameters()):
+            target.lerp_(online, tau)
+
+
+def load_agent(args: Args, model_path: str, policy_dir: str = ""):
+    """Load a VLM through the Auto classes, add LoRA on its language model (or train it all), and the heads."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    vlm = AutoModelForImageTextToText.from_pretrained(policy_dir if args.finetune == "full" and policy_dir else model_path)
+    if args.finetune == "lora":
+        vlm.requires_grad_(False)
+        if policy_dir:
+            vlm = PeftModel.from_pretrained(vlm, policy_dir, is_trainable=True)
+        else:  # every linear layer of the language model, none of the vision tower's
+            names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear) and
+                     {"language_model", "text_model"} & set(n.split("."))]
+            vlm = get_peft_model(vlm, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=names))
+    return Agent(vlm, processor, args)
+
+
+# ---------------------------------------------------------------------------
+# Encoding: (image, prompt) through the chat template; responses end in EOS.
+# ---------------------------------------------------------------------------
+def encode(processor, images, prompts, responses=None, max_response_tokens=24):
+    """Model inputs for a batch of turns.
+
+    Without responses: the prompts, left-padded for `generate`. With responses:
+    prompt + response + EOS, right-padded, and `state_mask` marking the
+    positions whose hidden state predicts a response token, i.e. the states
+    s_1..s_l of the token-level MDP, and `actions`, the tokens y_1..y_l.
+    """
+    tokenizer = processor.tokenizer
+    chats = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+                                           add_generation_prompt=True, tokenize=False) for p in prompts]
+    tokenizer.padding_side = "left" if responses is None else "right"
+    inputs = processor(images=list(images), text=chats, padding=True, return_tensors="pt")
+    if responses is None:
+        return inputs
+    ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    ids = [r[:max_response_tokens - 1] + [tokenizer.eos_token_id] for r in ids]
+    prompt_lengths = inputs["attention_mask"].sum(1).tolist()
+    width = max(p + len(r) for p, r in zip(prompt_lengths, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+    state_mask = torch.zeros(len(ids), width, dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompt_lengths, ids)):
+        input_ids[b, :p] = inputs["input_ids"][b, :p]
+        input_ids[b, p:p + len(r)] = torch.tensor(r)
+        state_mask[b, p - 1:p - 1 + len(r)] = True  # the state before token j is position p-1+j
+    inputs["input_ids"], inputs["attention_mask"] = input_ids, (input_ids != tokenizer.pad_token_id).long()
+    inputs["attention_mask"][state_mask] = 1  # a response may legitimately contain the pad id
+    return inputs, state_mask, input_ids[:, 1:][state_mask[:, :-1]], torch.tensor([len(r) for r in ids])
+
+
+# ---------------------------------------------------------------------------
+# Buffer: whole episodes in memory, sampled as runs of consecutive turns.
+# ---------------------------------------------------------------------------
+class Buffer:
+    def __init__(self, episodes=()):
+        self.episodes = list(episodes)
+
+    def add(self, episode):
+        self.episodes.append(episode)
+
+    def num_turns(self):
+        return sum(len(ep["actions"]) for ep in self.episodes)
+
+    def sample(self, rng, batch_turns, run_length):
+        """Runs of up to `run_length` consecutive turns, episodes weighted by length. A turn's
+        bootstrap value then comes from its successor's forward pass in the same batch; only the
+        last turn of each run needs its successor's prompt as an extra (no-grad) input."""
+        lengths = np.array([len(ep["actions"]) for ep in self.episodes])
+        turns, successors = [], []
+        while len(turns) < batch_turns:
+            e = rng.choice(len(lengths), p=lengths / lengths.sum())
+            n = min(run_length, lengths[e], batch_turns - len(turns))
+            start = rng.integers(lengths[e] - n + 1)
+            turns += [(e, t, t + 1 < start + n) for t in range(start, start + n)]
+            if start + n < lengths[e]:
+                successors.append((len(turns) - 1, e, start + n))
+        return self.collate(turns, successors)
+
+    def collate(self, turns, successors):
+        eps = self.episodes
+        batch = {key: [eps[e][key][t] for e, t, _ in turns] for key in ("prompts", "actions")}
+        batch["images"] = [eps[e]["images"][t].numpy() for e, t, _ in turns]
+        batch["rewards"] = torch.stack([eps[e]["rewards"][t] for e, t, _ in turns])
+        batch["done"] = torch.tensor([t == len(eps[e]["actions"]) - 1 and eps[e]["terminated"] for e, t, _ in turns])
+        # where turn i's successor value lives: the next turn in the batch, a bootstrap prompt, or nowhere
+        batch["next_in_batch"] = torch.tensor([nxt for _, _, nxt in turns])
+        batch["boot_of"] = torch.tensor([i for i, _, _ in successors], dtype=torch.long)
+        batch["boot_images"] = [eps[e]["images"][t].numpy() for _, e, t in successors]
+        batch["boot_prompts"] = [eps[e]["prompts"][t] for _, e, t in successors]
+        return batch
+
+
+# ---------------------------------------------------------------------------
+# Losses: pure functions of tensors. Token n of the flattened batch is state
+# s_j of some turn; `is_last` marks j = l, the turn's final token.
+# ---------------------------------------------------------------------------
+def state_values(logits, q):
+    """(2) V(s) = sum_a pi(a|s) Q(s, a), the exact expectation over the vocabulary."""
+    return (torch.softmax(logits.float(), -1) * q).sum(-1)
+
+
+def td_targets(v_bar, is_last, reward, gamma, not_done, v_bar_next_turn):
+    """(3) Expected-SARSA targets. Inside a turn: Vbar(s_{j+1}), discount 1. At the turn's last
+    token: r_t + gamma (1 - done_t) Vbar(s_{t+1,1}). `reward`, `not_done` and `v_bar_next_turn`
+    hold one value per turn, in turn order."""
+    targets = v_bar.roll(-1)
+    targets[is_last] = reward + gamma * not_done * v_bar_next_turn
+    return targets
+
+
+def critic_loss(q_taken, targets, mask):
+    """(4) L_critic = mean_j (Q(s_j, y_j) - target_j)^2 over tokens whose target is known."""
+    return ((q_taken - targets) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+
+
+def filter_weights(advantage, kind, beta=1.0, max_weight=20.0):
+    """f(A): binary 1[A > 0], exp min(exp(beta A), w_max), or none (f = 1: SFT)."""
+    if kind == "binary":
+        return (advantage > 0).float()
+    if kind == "exp":
+        return torch.exp(beta * advantage).clamp(max=max_weight)
+    return torch.ones_like(advantage)
+
+
+def actor_loss(logp_taken, weights, turn_lengths):
+    """(5) L_actor = -(1/l) sum_j f(A_j) log pi(y_j|s_j), averaged over turns. Normalising by all
+    l tokens (not the kept ones) lets filtered tokens shrink the gradient."""
+    per_turn = torch.split(-(weights * logp_taken), turn_lengths.tolist())
+    return torch.stack([t.sum() / len(t) for t in per_turn]).mean()
+
+
+def afsft_loss(agent, batch, args: Args, use_filter: bool, device):
+    """The loss of one batch of turns. With --filter none only the first block runs: that is SFT."""
+    inputs, state_mask, tokens, turn_lengths = encode(agent.processor, batch["images"], batch["prompts"],
+                                                      batch["actions"], args.max_new_tokens)
+    h = agent.features(inputs.to(device), state_mask.to(device))
+    tokens = tokens.to(device)
+    logits = agent.vlm.get_output_embeddings()(h).float()
+    logp_taken = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    if args.filter == "none":
+        loss = actor_loss(logp_taken, torch.ones_like(logp_taken), turn_lengths)
+        return loss, {"loss": loss.item(), "actor_loss": loss.item()}
+
+    q = agent.critic(h.float())
+    q_taken = q.gather(1, tokens[:, None])[:, 0]
+    with torch.no_grad():
+        logits = logits.detach()
+        advantage = q_taken - state_values(logits, q)                      # (1) A = Q(s, y) - V(s)
+        v_bar = state_values(logits, agent.target(h.detach().float()))
+        ends = turn_lengths.cumsum(0).to(device)
+        is_last = torch.zeros_like(tokens, dtype=torch.bool)
+        is_last[ends - 1] = True
+        # Vbar(s_{t+1,1}): the next turn's first state, in this batch or from its bootstrap prompt
+        v_next = torch.zeros(len(turn_lengths), device=device)
+        firsts = (ends - turn_lengths.to(device))
+        in_batch = batch["next_in_batch"].to(device)
+        v_next[:-1] = torch.where(in_batch[:-1], v_bar[firsts[1:]], 0.0)
+        if len(batch["boot_of"]):
+            v_next[batch["boot_of"].to(device)] = bootstrap_values(agent, batch, device)
+        known = in_batch | batch["done"].to(device)
+        known[batch["boot_of"].to(device)] = True
+        not_done = (~batch["done"]).float().to(device)
+        targets = td_targets(v_bar, is_last, batch["rewards"].to(device), args.gamma, not_done, v_next)
+        mask = torch.ones_like(q_taken)
+        mask[is_last] = known.float()  # the final turn of a truncated episode has no successor to bootstrap from
+    weights = filter_weights(advantage, args.filter, args.beta, args.max_weight) if use_filter \
+        else torch.ones_like(advantage)
+    actor, critic = actor_loss(logp_taken, weights, turn_lengths), critic_loss(q_taken, targets, mask)
+    loss = actor + args.critic_coef * critic
+    return loss, {"loss": loss.item(), "actor_loss": actor.item(), "critic_loss": critic.item(),
+                  "filter_kept": (advantage > 0).float().mean().item(), "mean_advantage": advantage.mean().item(),
+                  "td_error": ((q_taken - targets).abs() * mask).sum().item() / mask.sum().clamp(min=1).item()}
+
+
+@torch.no_grad()
+def bootstrap_values(agent, batch, device):
+    """Vbar at the first state of the turns that follow each run: one extra no-grad forward over
+    their prompts, the only compute AFSFT adds over SFT besides the critic head."""
+    inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
+    h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
+    return state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
+
+
+# ---------------------------------------------------------------------------
+# Rollout: one batched generate per turn over --num-envs environments.
+# ---------------------------------------------------------------------------
+@torch.no_grad()
+def act(agent, observations, temperature, max_new_tokens, device):
+    inputs = encode(agent.processor, [o["image"] for o in observations], [o["prompt"] for o in observations]).to(device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    out = agent.policy.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=agent.processor.tokenizer.pad_token_id,
+                                eos_token_id=agent.processor.tokenizer.eos_token_id, **sampling)
+    return agent.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class Rollout:
+    """--num-envs envs stepped together; finished episodes come out in the afsft-v1 layout."""
+
+    def __init__(self, args: Args, seed: int):
+        self.envs = [make(args) for _ in range(args.num_envs)]
+        self.seeds = iter(range(seed, 2**31))
+        self.obs = [env.reset(seed=next(self.seeds))[0] for env in self.envs]
+        self.open = [new_episode() for _ in self.envs]
+
+    def step(self, agent, args: Args, temperature, device):
+        finished = []
+        responses = act(agent, self.obs, temperature, args.max_new_tokens, device)
+        for i, (env, response) in enumerate(zip(self.envs, responses)):
+            ep = self.open[i]
+            ep["images"].append(torch.from_numpy(self.obs[i]["image"]))
+            ep["prompts"].append(self.obs[i]["prompt"])
+            ep["actions"].append(response)
+            self.obs[i], reward, terminated, truncated, info = env.step(response)
+            ep["rewards"].append(reward)
+            ep["valid"].append(info["valid"])
+            if terminated or truncated:
+                finished.append({"images": torch.stack(ep["images"]), "prompts": ep["prompts"], "actions": ep["actions"],
+                                 "rewards": torch.tensor(ep["rewards"], dtype=torch.float32),
+                                 "valid": torch.tensor(ep["valid"]), "terminated": terminated, "truncated": truncated})
+                self.obs[i], self.open[i] = env.reset(seed=next(self.seeds))[0], new_episode()
+        return finished
+
+
+def new_episode():
+    return {"images": [], "prompts": [], "actions": [], "rewards": [], "valid": []}
+
+
+def make(args: Args):
+    return envs.make_env(args.env, scheme=args.scheme, invalid_penalty=args.invalid_penalty, history=args.history)
+
+
+def evaluate(agent, args: Args, episodes, device, seed=10**6):
+    """Success rate, valid-action rate and mean return over `episodes` episodes on held-out seeds."""
+    agent.eval()
+    rollout, done = Rollout(replace(args, num_envs=min(args.num_envs, episodes)), seed), []
+    while len(done) < episodes:
+        done += rollout.step(agent, args, args.eval_temperature, device)
+    agent.train()
+    done = done[:episodes]
+    returns = [float(ep["rewards"].sum()) for ep in done]
+    return {"success_rate": float(np.mean([rollout.envs[0].success(r) for r in returns])),
+            "valid_action_rate": float(torch.cat([ep["valid"] for ep in done]).float().mean()),
+            "mean_return": float(np.mean(returns)), "episodes": episodes}
+
+
+def replace(args: Args, **changes) -> Args:
+    return Args(**{**asdict(args), **changes})
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, then renamed into place.
+# ---------------------------------------------------------------------------
+def save_checkpoint(run_dir, agent, optimizer, state, online_buffer=None):
+    final, tmp = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "checkpoint.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    agent.policy.save_pretrained(os.path.join(tmp, "policy"))
+    torch.save({"critic": agent.critic.state_dict(), "target": agent.target.state_dict(),
+                "optimizer": optimizer.state_dict(), **state,
+                "rng": {"torch": torch.get_rng_state(), "numpy": state["rng"].bit_generator.state}},
+               os.path.join(tmp, "state.pt"))
+    if online_buffer is not None:
+        torch.save({"format": envs.DATASET_FORMAT, "env": state["args"]["env"], "episodes": online_buffer},
+                   os.path.join(tmp, "buffer.pt"))
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+
+
+def fail(message):
+    sys.exit(f"afsft.py: error: {message}")
+
+
+# ---------------------------------------------------------------------------
+# Train loop: offline steps, then online rounds, then evaluation.
+# ---------------------------------------------------------------------------
+def train(args: Args):
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    resumed = load_resume_state(args) if args.resume else None
+    if args.finetune == "auto":
+        args.finetune = "full" if args.model == "tiny" else "lora"
+    try:
+        probe = make(args)
+        dataset = envs.load_dataset(args.offline, args.env) if args.offline else None
+    except ValueError as err:
+        fail(err)
+    model_path = args.model
+    if args.model == "tiny":  # built once per run, then loaded like any saved model
+        model_path = os.path.join(args.out, "tiny-vlm")
+        if not resumed:
+            build_tiny_vlm(tiny_corpus(probe, dataset), args.image_size, model_path)
+    policy_dir = os.path.join(args.resume, "checkpoint", "policy") if resumed else ""
+    agent = load_agent(args, model_path, policy_dir).to(device)
+    params = [p for p in agent.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    print(f"model {args.model}: {sum(p.numel() for p in agent.policy.parameters()):,} parameters, "
+          f"{sum(p.numel() for p in params):,} trainable ({args.finetune}, critic head {args.critic_head})")
+
+    buffer = Buffer(dataset["episodes"] if dataset else [])
+    online_episodes, step, state = [], 0, {}
+    if resumed:
+        agent.critic.load_state_dict(resumed["critic"])
+        agent.target.load_state_dict(resumed["target"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        step, online_episodes = resumed["step"], resumed.get("online_episodes", [])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        rng.bit_generator.state = resumed["rng"]["numpy"]
+        for ep in online_episodes:
+            buffer.add(ep)
+    log = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    warmup = int(args.sft_warmup * args.offline_steps)
+    total = args.offline_steps + args.online_steps * args.updates_per_round
+    rollout = None
+
+    def update(phase):
+        nonlocal step
+        loss, stats = afsft_loss(agent, buffer.sample(rng, args.batch_turns, args.run_length), args,
+                                 use_filter=step >= warmup, device=device)
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):  # never let a NaN reach the weights
+            print(f"step {step}: non-finite loss {loss.item()}, batch skipped", file=sys.stderr)
+            stats["skipped"] = True
+        else:
+            loss.backward()
+            stats["grad_norm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+            optimizer.step()
+            agent.update_target(args.tau)
+        step += 1
+        if step % args.log_every == 0 or step == total:
+            stats.update(step=step, phase=phase, buffer_turns=buffer.num_turns())
+            if args.eval_every and step % args.eval_every == 0:
+                stats.update(evaluate(agent, args, max(args.eval_episodes // 2, 1), device))
+            log.write(json.dumps(stats) + "\n")
+            log.flush()
+        if step % args.save_every == 0:
+            checkpoint(args, agent, optimizer, step, rng, online_episodes)
+        return stats
+
+    if step < args.offline_steps and not buffer.episodes:
+        fail("the buffer is empty: give --offline data.pt, or --offline-steps 0 for a purely online run")
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    while step < args.offline_steps:
+        bar.set_postfix({k: round(v, 3) for k, v in update("offline").items() if isinstance(v, float)})
+        bar.update()
+    while step < total:
+        rollout = rollout or Rollout(args, seed=args.seed * 7919 + step)
+        for _ in range(args.rollout_len):
+            for ep in rollout.step(agent, args, args.temperature, device):
+                buffer.add(ep)
+                online_episodes.append(ep)
+        for _ in range(args.updates_per_round):
+            if step < total and buffer.episodes:
+                bar.set_postfix({k: round(v, 3) for k, v in update("online").items() if isinstance(v, float)})
+                bar.update()
+    bar.close()
+    checkpoint(args, agent, optimizer, step, rng, online_episodes)
+    result = evaluate(agent, args, args.eval_episodes, device) if args.eval_episodes else {}
+    if result:
+        log.write(json.dumps({"step": step, "phase": "eval", **result}) + "\n")
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result))
+    log.close()
+    return result
+
+
+def checkpoint(args, agent, optimizer, step, rng, online_episodes):
+    state = {"args": asdict(args), "step": step, "rng": rng}
+    save_checkpoint(args.out, agent, optimizer, state, online_episodes if args.save_buffer else None)
+
+
+def tiny_corpus(env, dataset):
+    """Text the tiny tokenizer is fitted to: the env's prompts and actions, and the dataset's."""
+    corpus = [envs.format_response(a, env.scheme) for a in env.action_words] * 50
+    for seed in range(20):
+        corpus.append(env.reset(seed=seed)[0]["prompt"])
+    for ep in (dataset or {}).get("episodes", [])[:200]:
+        corpus += ep["prompts"][:5] + ep["actions"]
+    return corpus
+
+
+def load_resume_state(args: Args):
+    path = os.path.join(args.resume, "checkpoint", "state.pt")
+    if not os.path.exists(path):
+        fail(f"--resume {args.resume}: no checkpoint at {path}")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:
+        fail(f"--resume {args.resume}: unreadable checkpoint ({str(err).splitlines()[0][:200]})")
+    saved = state["args"]
+    if saved["env"] != args.env or saved["model"] != args.model:
+        fail(f"--resume {args.resume}: that run used --env {saved['env']} --model {saved['model']}")
+    args.finetune, args.critic_head, args.critic_rank, args.out = saved["finetune"], saved["critic_head"], \
+        saved["critic_rank"], args.resume
+    if args.model == "tiny":
+        args.image_size = saved["image_size"]
+    if args.save_buffer and os.path.exists(os.path.join(args.resume, "checkpoint", "buffer.pt")):
+        state["online_episodes"] = envs.load_dataset(os.path.join(args.resume, "checkpoint", "buffer.pt"))["episodes"]
+    return state
+
+
+def main(argv=None):
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Tests for afsft.py and envs.py: losses against hand-computed values, the dataset
+contract, the buffer, the env wrappers, and short end-to-end runs through the CLI."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import afsft
+import envs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------
+# Losses, on small tensors with values computed by hand
+# ---------------------------------------------------------------------------
+def test_state_value_is_policy_weighted_q():
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # pi = [0.25, 0.75]
+    q = torch.tensor([[4.0, 8.0]])
+    assert afsft.state_values(logits, q).item() == pytest.approx(0.25 * 4 + 0.75 * 8)
+
+
+def test_td_target_inside_a_turn_and_at_the_boundary():
+    # two turns: 3 tokens then 2 tokens
+    v_bar = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    is_last = torch.tensor([False, False, True, False, True])
+    reward, not_done, v_next = torch.tensor([0.5, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([4.0, 10.0])
+    targets = afsft.td_targets(v_bar, is_last, reward, 0.9, not_done, v_next)
+    # inside a turn: the next token's value, undiscounted; at the end: r + gamma Vbar(next turn's first state)
+    assert targets.tolist() == pytest.approx([2.0, 3.0, 0.5 + 0.9 * 4.0, 5.0, 1.0 + 0.9 * 10.0])
+
+
+def test_td_target_done_does_not_bootstrap_but_truncated_does():
+    v_bar, is_last = torch.tensor([7.0]), torch.tensor([True])
+    done = afsft.td_targets(v_bar, is_last, torch.tensor([1.0]), 0.9, torch.tensor([0.0]), torch.tensor([3.0]))
+    truncated = afsft.td_targets(v_bar, is_last, torch.tensor([1.0]), 0.9, torch.tensor([1.0]), torch.tensor([3.0]))
+    assert done.item() == pytest.approx(1.0)
+    assert truncated.item() == pytest.approx(1.0 + 0.9 * 3.0)
+
+
+def test_critic_loss_ignores_masked_tokens():
+    q, targets = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 100.0])
+    loss = afsft.critic_loss(q, targets, torch.tensor([1.0, 1.0, 0.0]))
+    assert loss.item() == pytest.approx((1 + 4) / 2)
+
+
+def test_binary_filter_keeps_exactly_positive_advantages():
+    advantage = torch.tensor([-1.0, 0.0, 1e-6, 2.0, -3e-7])
+    assert afsft.filter_weights(advantage, "binary").tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]
+
+
+def test_exp_filter_is_capped():
+    w = afsft.filter_weights(torch.tensor([0.0, 1.0, 10.0]), "exp", beta=1.0, max_weight=5.0)
+    assert w.tolist() == pytest.approx([1.0, math.e, 5.0])
+
+
+def test_filter_none_is_exactly_sft_cross_entropy():
+    torch.manual_seed(0)
+    logits, tokens, lengths = torch.randn(5, 11), torch.tensor([3, 1, 4, 1, 5]), torch.tensor([2, 3])
+    logp = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    loss = afsft.actor_loss(logp, afsft.filter_weights(torch.randn(5), "none"), lengths)
+    sft = (F.cross_entropy(logits[:2], tokens[:2]) + F.cross_entropy(logits[2:], tokens[2:])) / 2
+    assert loss.item() == pytest.approx(sft.item(), rel=1e-6)
+
+
+def test_actor_loss_normalises_by_all_tokens_of_the_turn():
+    logp = torch.tensor([-1.0, -2.0, -4.0])
+    loss = afsft.actor_loss(logp, torch.tensor([1.0, 0.0, 1.0]), torch.tensor([3]))
+    assert loss.item() == pytest.approx((1.0 + 4.0) / 3)  # not / 2: dropped tokens shrink the gradient
+
+
+# ---------------------------------------------------------------------------
+# The model, the encoding and the buffer
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny"))
+    env = envs.make_env("babyai")
+    afsft.build_tiny_vlm(afsft.tiny_corpus(env, None), 56, path)
+    args = afsft.Args(finetune="full")
+    torch.manual_seed(0)
+    return afsft.load_agent(args, path), args
+
+
+def test_encode_marks_one_state_per_response_token(tiny):
+    agent, _ = tiny
+    image = np.zeros((56, 56, 3), np.uint8)
+    responses = ["[action] turn left", "[action] go forward now please"]
+    inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [image, image], ["a", "a longer prompt"], responses)
+    tok = agent.processor.tokenizer
+    expected = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert tokens.tolist() == expected[0] + expected[1]
+    assert state_mask.sum().item() == sum(lengths.tolist())
+    # each state is the position just before its token
+    for b in range(2):
+        positions = state_mask[b].nonzero()[:, 0]
+        assert inputs["input_ids"][b, positions + 1].tolist() == expected[b]
+
+
+def test_critic_head_starts_at_the_language_head_logits(tiny):
+    agent, _ = tiny
+    h = torch.randn(4, agent.critic.base.in_features)
+    assert torch.allclose(agent.critic(h), agent.vlm.get_output_embeddings()(h), atol=1e-5)
+    trainable = sum(p.numel() for p in agent.critic.parameters() if p.requires_grad)
+    d, vocab = agent.critic.base.in_features, agent.critic.base.out_features
+    assert trainable == d * 32 + 32 * vocab + vocab  # low rank: far below d * vocab
+
+
+def make_episode(T, terminated, prompt="p", image_side=56):
+    return {"images": torch.zeros(T, image_side, image_side, 3, dtype=torch.uint8), "prompts": [f"{prompt}{t}" for t in range(T)],
+            "actions": ["[action] go forward"] * T, "rewards": torch.arange(T, dtype=torch.float32),
+            "valid": torch.ones(T, dtype=torch.bool), "terminated": terminated, "truncated": not terminated}
+
+
+def test_buffer_samples_runs_of_consecutive_turns():
+    buffer = afsft.Buffer([make_episode(10, True), make_episode(3, False)])
+    batch = buffer.sample(np.random.default_rng(0), batch_turns=12, run_length=4)
+    assert len(batch["prompts"]) == 12
+    turns = [int(p[1:]) for p in batch["prompts"]]
+    for i in range(11):  # next_in_batch says the next row is this turn's successor
+        if batch["next_in_batch"][i]:
+            assert turns[i + 1] == turns[i] + 1
+    for row, prompt in zip(batch["boot_of"].tolist(), batch["boot_prompts"]):
+        assert int(prompt[1:]) == turns[row] + 1 and not batch["next_in_batch"][row]
+    for i, t in enumerate(turns):  # done only on the last turn of the terminated episode
+        assert batch["done"][i] == (t == 9 and batch["rewards"][i] == 9)
+
+
+def test_afsft_loss_trains_critic_and_trunk_and_sft_skips_the_critic(tiny):
+    agent, args = tiny
+    buffer = afsft.Buffer([make_episode(6, True), make_episode(5, False)])
+    batch = buffer.sample(np.random.default_rng(1), batch_turns=6, run_length=3)
+    loss, stats = afsft.afsft_loss(agent, batch, args, use_filter=True, device="cpu")
+    agent.zero_grad()
+    loss.backward()
+    assert math.isfinite(loss.item()) and 0 <= stats["filter_kept"] <= 1
+    assert agent.critic.up.weight.grad.abs().sum() > 0
+    assert agent.vlm.model.language_model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    agent.zero_grad()
+    sft_args = afsft.replace(args, filter="none")
+    loss, stats = afsft.afsft_loss(agent, batch, sft_args, use_filter=True, device="cpu")
+    loss.backward()
+    assert "critic_loss" not in stats and agent.critic.up.weight.grad is None
+    agent.zero_grad()
+
+
+# ---------------------------------------------------------------------------
+# Environments: parsing and the defined outcome of invalid text
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("response,scheme,expected", [
+    ("[action] turn left", "tag", "turn left"),
+    ("I think... [action]  Turn Left. ", "tag", "turn left"),
+    ("[action] go forward\nextra words", "tag", "go forward"),
+    ("[action] a [action] pick up", "tag", "pick up"),
+    ("turn left", "tag", None),
+    ("[action]   ", "tag", None),
+    ('{"thoughts": "x", "action": "toggle"}', "json", "toggle"),
+    ('{"action": toggle}', "json", None),
+    ("", "json", None),
+])
+def test_parse_agent(response, scheme, expected):
+    assert envs.parse_agent(response, scheme) == expected
+
+
+def test_babyai_invalid_text_is_penalised_and_leaves_the_state_unchanged():
+    env = envs.make_env("babyai", seed=3)
+    before = (tuple(env.inner.agent_pos), env.inner.agent_dir, env.inner.step_count)
+    obs, reward, terminated, truncated, info = env.step("[action] fly away")
+    assert reward == -0.1 and not info["valid"] and not terminated and not truncated
+    assert (tuple(env.inner.agent_pos), env.inner.agent_dir, env.inner.step_count) == before
+    _, _, _, _, info = env.step("[action] turn left")
+    assert info["valid"] and env.inner.agent_dir == (before[1] - 1) % 4
+
+
+def test_babyai_episode_is_truncated_after_max_turns_of_garbage():
+    env = envs.make_env("BabyAI-GoToRedBall-v0", seed=0, max_turns=5)
+    flags = [env.step("nonsense")[3] for _ in range(5)]
+    assert flags == [False] * 4 + [True]
+
+
+def test_babyai_passes_gymnasium_env_checker():
+    from gymnasium.utils.env_checker import check_env
+    check_env(envs.make_env("babyai"), skip_render_check=True)
+
+
+def test_babyai_expert_solves_and_suboptimal_goes_to_a_decoy():
+    env = envs.make_env("babyai")
+    rng = np.random.default_rng(0)
+    expert = [envs.collect_episode(env, "expert", rng, seed=s) for s in range(5)]
+    decoy = [envs.collect_episode(env, "suboptimal", rng, seed=s, invalid_rate=0.0) for s in range(5)]
+    assert all(ep["terminated"] and ep["rewards"].sum() > 0 for ep in expert)
+    assert sum(ep["rewards"].sum() > 0 for ep in decoy) <= 1  # it may pass the ball by chance, rarely
+
+
+def test_make_env_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown env"):
+        envs.make_env("chess")
+    with pytest.raises(ValueError, match="unknown BabyAI level"):
+        envs.make_env("BabyAI-NoSuchLevel-v0")
+
+
+# ---------------------------------------------------------------------------
+# The dataset contract: round trip and every validation error
+# ---------------------------------------------------------------------------
+def run_cli(*argv, script="afsft.py", timeout=600):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "data.pt")
+    result = run_cli("collect", "--env", "babyai", "--policy", "mixed", "--episodes", "6", "--out", path, script="envs.py")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_dataset_round_trips(dataset):
+    data = envs.load_dataset(dataset, "babyai")
+    assert data["format"] == "afsft-v1" and len(data["episodes"]) == 6
+    ep = data["episodes"][0]
+    T = len(ep["actions"])
+    assert ep["images"].shape == (T, 56, 56, 3) and ep["rewards"].shape == (T,) and len(ep["prompts"]) == T
+    raw = torch.load(dataset, weights_only=True)  # the file needs no unpickling of code
+    assert raw["episodes"][0]["actions"] == ep["actions"]
+
+
+class Hostile:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/afsft_pwned",))
+
+
+def corrupt(data, change):
+    data = {**data, "episodes": [dict(ep) for ep in data["episodes"]]}
+    change(data)
+    return data
+
+
+BAD_DATASETS = {
+    "format tag": (lambda d: d.update(format="v0"), "format tag"),
+    "env type": (lambda d: d.update(env=3), "'env' must be a string"),
+    "zero episodes": (lambda d: d.update(episodes=[]), "non-empty list"),
+    "missing field": (lambda d: d["episodes"][0].pop("rewards"), "episode 0: field 'rewards'"),
+    "float images": (lambda d: d["episodes"][1].update(images=d["episodes"][1]["images"].float()), "episode 1: field 'images'"),
+    "gray images": (lambda d: d["episodes"][0].update(images=d["episodes"][0]["images"][..., 0]), "field 'images'"),
+    "short prompts": (lambda d: d["episodes"][0].update(prompts=d["episodes"][0]["prompts"][:-1]), "field 'prompts'"),
+    "int actions": (lambda d: d["episodes"][0].update(actions=[1] * len(d["episodes"][0]["actions"])), "field 'actions'"),
+    "nan reward": (lambda d: d["episodes"][0]["rewards"].__setitem__(0, float("nan")), "NaN"),
+    "bool flag": (lambda d: d["episodes"][0].update(terminated="yes"), "field 'terminated'"),
+    "valid dtype": (lambda d: d["episodes"][0].update(valid=d["episodes"][0]["valid"].int()), "field 'valid'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DATASETS))
+def test_malformed_dataset_is_rejected_with_a_message(dataset, tmp_path, name):
+    change, message = BAD_DATASETS[name]
+    data = torch.load(dataset, weights_only=True)
+    data["episodes"][0]["rewards"] = data["episodes"][0]["rewards"].clone()
+    path = str(tmp_path / "bad.pt")
+    torch.save(corrupt(data, change), path)
+    with pytest.raises(envs.DatasetError, match=message):
+        envs.load_dataset(path)
+
+
+def test_dataset_from_another_env_is_rejected(dataset):
+    with pytest.raises(envs.DatasetError, match="collected on env 'babyai'"):
+        envs.load_dataset(dataset, "BabyAI-GoToLocal-v0")
+
+
+def test_hostile_pickle_is_never_run(tmp_path):
+    if os.path.exists("/tmp/afsft_pwned"):
+        os.remove("/tmp/afsft_pwned")
+    path = str(tmp_path / "evil.pt")
+    torch.save({"format": "afsft-v1", "payload": Hostile()}, path)
+    with pytest.raises(envs.DatasetError, match="not a loadable afsft dataset"):
+        envs.load_dataset(path)
+    assert not os.path.exists("/tmp/afsft_pwned")
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"not a torch file at all"])
+def test_truncated_or_foreign_file_gets_a_one_line_error_from_the_cli(tmp_path, content):
+    path = tmp_path / "data.pt"
+    path.write_bytes(content)
+    result = run_cli("--offline", str(path), "--out", str(tmp_path / "run"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"afsft.py: error: {path}: not a loadable afsft dataset")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_rejects_unknown_env_and_bad_flags(tmp_path, dataset):
+    result = run_cli("--env", "chess", "--offline", dataset, "--out", str(tmp_path / "run"))
+    assert result.returncode != 0 and "unknown env 'chess'" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("--gamma", "1.5", "--offline", dataset)
+    assert result.returncode == 2 and "--gamma in [0, 1]" in result.stderr
+    result = run_cli("--env", "babyai", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "--offline needs a file" in result.stderr
+    result = run_cli("--resume", str(tmp_path / "nowhere"), "--offline", dataset)
+    assert result.returncode != 0 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# End to end through the CLI
+# ---------------------------------------------------------------------------
+SMALL = ["--batch-turns", "8", "--run-length", "4", "--num-envs", "2", "--rollout-len", "4", "--updates-per-round", "2",
+         "--max-new-tokens", "8", "--log-every", "2"]
+
+
+def read_metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_offline_then_online_run_writes_the_run_directory(tmp_path, dataset):
+    run = str(tmp_path / "run")
+    result = run_cli("--env", "babyai", "--offline", dataset, "--out", run, "--offline-steps", "4",
+                     "--online-steps", "2", "--eval-episodes", "2", *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(run, "eval.json")) as f:
+        result = json.load(f)
+    assert set(result) == {"success_rate", "valid_action_rate", "mean_return", "episodes"} and result["episodes"] == 2
+    metrics = read_metrics(run)
+    assert [m["phase"] for m in metrics if "loss" in m] == ["offline", "offline", "online", "online"]
+    assert all(key in metrics[0] for key in ("loss", "actor_loss", "critic_loss", "filter_kept", "mean_advantage", "td_error"))
+    assert os.path.exists(os.path.join(run, "checkpoint", "policy")) and os.path.exists(os.path.join(run, "checkpoint", "state.pt"))
+
+
+def test_resume_continues_the_step_counter(tmp_path, dataset):
+    run = str(tmp_path / "run")
+    first = run_cli("--offline", dataset, "--out", run, "--offline-steps", "4", "--eval-episodes", "0", *SMALL)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli("--resume", run, "--offline", dataset, "--offline-steps", "8", "--eval-episodes", "0", *SMALL)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(run)] == [2, 4, 6, 8]
+    assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)["step"] == 8

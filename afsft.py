@@ -359,7 +359,8 @@ def afsft_loss(agent, batch, args: Args, use_filter: bool, device):
     actor, critic = actor_loss(logp_taken, weights, turn_lengths), critic_loss(q_taken, targets, mask)
     loss = actor + args.critic_coef * critic
     return loss, {"loss": loss.item(), "actor_loss": actor.item(), "critic_loss": critic.item(),
-                  "filter_kept": (advantage > 0).float().mean().item(), "mean_advantage": advantage.mean().item(),
+                  "filter_kept": weights.mean().item(), "positive_advantage": (advantage > 0).float().mean().item(),
+                  "mean_advantage": advantage.mean().item(),
                   "td_error": ((q_taken - targets).abs() * mask).sum().item() / mask.sum().clamp(min=1).item()}
 
 
@@ -595,7 +596,9 @@ def load_resume_state(args: Args):
 
 
 def main(argv=None):
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    import transformers
+
+    transformers.logging.disable_progress_bar()  # keep the one progress bar that matters: training
     train(parse_args(argv))
 
 

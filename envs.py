@@ -141,16 +141,19 @@ BABYAI_WORDS = ["turn left", "turn right", "go forward", "pick up", "drop", "tog
 class BabyAIText(TextActionEnv):
     """Any BabyAI level with the agent's 56x56 egocentric view and text actions.
 
-    With `text_view=True` the prompt also describes what the agent sees, in
+    Unlike minigrid, where `done` is a no-op, saying "done" ends the episode (pass
+    `done_ends_episode=False` for minigrid's rule). With `text_view=True` the prompt also describes what the agent sees, in
     BabyAI-Text's style ("a red ball 2 steps left and 1 step forward").
     """
 
     action_words = BABYAI_WORDS
 
-    def __init__(self, level: str = "BabyAI-GoToRedBall-v0", tile_size: int = 8, text_view: bool = False, **kwargs):
+    def __init__(self, level: str = "BabyAI-GoToRedBall-v0", tile_size: int = 8, text_view: bool = False,
+                 done_ends_episode: bool = True, **kwargs):
         import minigrid  # noqa: F401  (registers the BabyAI ids)
 
         self.level, self.tile_size, self.text_view = level, tile_size, text_view
+        self.done_ends_episode = done_ends_episode
         self.inner = gym.make(level).unwrapped
         view = self.inner.agent_view_size * tile_size
         self.image_shape = (view, view, 3)
@@ -166,6 +169,9 @@ class BabyAIText(TextActionEnv):
 
     def _act(self, index):
         _, reward, terminated, truncated, _ = self.inner.step(index)
+        # "done" declares the mission finished: the episode ends with the verifier's verdict (0 unless
+        # it already succeeded). minigrid leaves it a no-op; a text agent that says it is done is done.
+        terminated = terminated or (self.done_ends_episode and self.action_words[index] == "done")
         return reward, terminated, truncated
 
     def image(self):

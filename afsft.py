@@ -332,36 +332,43 @@ def afsft_loss(agent, batch, args: Args, use_filter: bool, device):
         loss = actor_loss(logp_taken, torch.ones_like(logp_taken), turn_lengths)
         return loss, {"loss": loss.item(), "actor_loss": loss.item()}
 
+    # --- the lines that make SFT into AFSFT -------------------------------------------------
     q = agent.critic(h.float())
     q_taken = q.gather(1, tokens[:, None])[:, 0]
     with torch.no_grad():
-        logits = logits.detach()
-        advantage = q_taken - state_values(logits, q)                      # (1) A = Q(s, y) - V(s)
-        v_bar = state_values(logits, agent.target(h.detach().float()))
-        ends = turn_lengths.cumsum(0).to(device)
-        is_last = torch.zeros_like(tokens, dtype=torch.bool)
-        is_last[ends - 1] = True
-        # Vbar(s_{t+1,1}): the next turn's first state, in this batch or from its bootstrap prompt
-        v_next = torch.zeros(len(turn_lengths), device=device)
-        firsts = (ends - turn_lengths.to(device))
-        in_batch = batch["next_in_batch"].to(device)
-        v_next[:-1] = torch.where(in_batch[:-1], v_bar[firsts[1:]], 0.0)
-        if len(batch["boot_of"]):
-            v_next[batch["boot_of"].to(device)] = bootstrap_values(agent, batch, device)
-        known = in_batch | batch["done"].to(device)
-        known[batch["boot_of"].to(device)] = True
+        advantage = q_taken - state_values(logits.detach(), q)                       # (1), (2)
+        v_bar = state_values(logits.detach(), agent.target(h.detach().float()))      # Vbar, from the EMA head
+        is_last, v_next, has_target = next_turn_values(agent, batch, v_bar, turn_lengths, device)
         not_done = (~batch["done"]).float().to(device)
-        targets = td_targets(v_bar, is_last, batch["rewards"].to(device), args.gamma, not_done, v_next)
-        mask = torch.ones_like(q_taken)
-        mask[is_last] = known.float()  # the final turn of a truncated episode has no successor to bootstrap from
+        targets = td_targets(v_bar, is_last, batch["rewards"].to(device), args.gamma, not_done, v_next)  # (3)
     weights = filter_weights(advantage, args.filter, args.beta, args.max_weight) if use_filter \
-        else torch.ones_like(advantage)
-    actor, critic = actor_loss(logp_taken, weights, turn_lengths), critic_loss(q_taken, targets, mask)
-    loss = actor + args.critic_coef * critic
+        else torch.ones_like(advantage)                                              # warm-up: f = 1
+    actor, critic = actor_loss(logp_taken, weights, turn_lengths), critic_loss(q_taken, targets, has_target)
+    loss = actor + args.critic_coef * critic                                         # (5) + c (4)
     return loss, {"loss": loss.item(), "actor_loss": actor.item(), "critic_loss": critic.item(),
                   "filter_kept": weights.mean().item(), "positive_advantage": (advantage > 0).float().mean().item(),
                   "mean_advantage": advantage.mean().item(),
-                  "td_error": ((q_taken - targets).abs() * mask).sum().item() / mask.sum().clamp(min=1).item()}
+                  "td_error": ((q_taken - targets).abs() * has_target).sum().item() / has_target.sum().clamp(min=1).item()}
+
+
+@torch.no_grad()
+def next_turn_values(agent, batch, v_bar, turn_lengths, device):
+    """Per turn, Vbar(s_{t+1,1}): the first state of the next turn, read from the next row of the
+    batch or from the successor prompts of `bootstrap_values`. Also which tokens end a turn, and
+    which tokens have a target (the final turn of a truncated episode has no successor stored)."""
+    ends = turn_lengths.cumsum(0).to(device)
+    is_last = torch.zeros(int(ends[-1]), dtype=torch.bool, device=device)
+    is_last[ends - 1] = True
+    in_batch, boot_of = batch["next_in_batch"].to(device), batch["boot_of"].to(device)
+    v_next = torch.zeros(len(turn_lengths), device=device)
+    v_next[:-1] = torch.where(in_batch[:-1], v_bar[(ends - turn_lengths.to(device))[1:]], 0.0)
+    if len(boot_of):
+        v_next[boot_of] = bootstrap_values(agent, batch, device)
+    known = in_batch | batch["done"].to(device)
+    known[boot_of] = True
+    has_target = torch.ones_like(v_bar)
+    has_target[is_last] = known.float()
+    return is_last, v_next, has_target
 
 
 @torch.no_grad()
@@ -503,7 +510,13 @@ def train(args: Args):
         rng.bit_generator.state = resumed["rng"]["numpy"]
         for ep in online_episodes:
             buffer.add(ep)
-    log = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if resumed and os.path.exists(metrics_path):  # forget what was logged after the checkpoint
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    log = open(metrics_path, "a")
     warmup = int(args.sft_warmup * args.offline_steps)
     total = args.offline_steps + args.online_steps * args.updates_per_round
     rollout = None

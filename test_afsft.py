@@ -3,8 +3,10 @@ contract, the buffer, the env wrappers, and short end-to-end runs through the CL
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -339,3 +341,48 @@ def test_resume_continues_the_step_counter(tmp_path, dataset):
     assert second.returncode == 0, second.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)] == [2, 4, 6, 8]
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)["step"] == 8
+
+
+def test_killed_run_resumes_without_losing_steps_or_episodes(tmp_path, dataset):
+    run = str(tmp_path / "run")
+    state_path = os.path.join(run, "checkpoint", "state.pt")
+    flags = ["--offline", dataset, "--out", run, "--offline-steps", "2", "--save-every", "2", "--save-buffer",
+             "--eval-episodes", "0", *SMALL, "--rollout-len", "40"]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "afsft.py"), *flags, "--online-steps", "500"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    saved_step, deadline = 0, time.time() + 300
+    try:
+        while time.time() < deadline and saved_step < 8:
+            time.sleep(0.5)
+            try:
+                saved_step = torch.load(state_path, weights_only=True)["step"]
+            except (FileNotFoundError, RuntimeError, EOFError):
+                pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert saved_step >= 8, "the run never wrote a checkpoint"
+    saved = torch.load(state_path, weights_only=True)
+    saved_episodes = envs.load_dataset(os.path.join(run, "checkpoint", "buffer.pt"))["episodes"] \
+        if os.path.exists(os.path.join(run, "checkpoint", "buffer.pt")) else []
+    rounds = (saved["step"] - 2) // 2 + 3  # three rounds past the checkpoint
+    result = run_cli("--resume", run, *flags, "--online-steps", str(rounds))
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = torch.load(state_path, weights_only=True)
+    assert final["step"] == saved["step"] + 6
+    steps = [m["step"] for m in read_metrics(run)]
+    assert steps == sorted(set(steps)) and steps[-1] == final["step"]
+    resumed_episodes = envs.load_dataset(os.path.join(run, "checkpoint", "buffer.pt"))["episodes"]
+    assert len(saved_episodes) > 0 and len(resumed_episodes) >= len(saved_episodes)
+    assert [ep["actions"] for ep in resumed_episodes[:len(saved_episodes)]] == [ep["actions"] for ep in saved_episodes]
+
+
+def test_same_seed_gives_the_same_losses(tmp_path, dataset):
+    losses = []
+    for name in ("a", "b"):
+        run = str(tmp_path / name)
+        result = run_cli("--offline", dataset, "--out", run, "--offline-steps", "4", "--eval-episodes", "0",
+                         "--sft-warmup", "0.5", "--log-every", "1", *SMALL[:-2])
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses.append([(m["actor_loss"], m["critic_loss"]) for m in read_metrics(run)])
+    assert len(losses[0]) == 4 and losses[0] == losses[1]

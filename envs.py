@@ -26,6 +26,7 @@ import json
 import operator
 import os
 import re
+import shutil
 from fractions import Fraction
 
 import gymnasium as gym
@@ -564,11 +565,137 @@ def hand_total(cards) -> tuple[int, bool]:
 
 
 # ---------------------------------------------------------------------------
+# MiniWoB++ (the `miniwob` package, in a headless Chromium)
+# ---------------------------------------------------------------------------
+BROWSER_HELP = ("MiniWoB++ needs Chromium and its driver: apt-get install chromium chromium-driver "
+                "(or point MINIWOB_CHROME_BINARY and MINIWOB_CHROMEDRIVER at a Chrome and its chromedriver)")
+
+
+class MissingDependency(RuntimeError):
+    """A domain's software is not installed; the message says what to install."""
+
+
+def ascii_line(text: str) -> str:
+    """Page text as one line of printable ASCII, as the prompt's Text space allows."""
+    return " ".join(text.split()).encode("ascii", "replace").decode()
+
+
+class MiniWoBText(TextActionEnv):
+    """A MiniWoB++ task: the 160x210 screenshot, the instruction, and the page's elements as text.
+
+    Actions are `click(ref=N)` on a listed element or `click(x=X, y=Y)` in
+    screenshot pixels. The reward is binary: +1 or -1 on the step that ends the
+    task. The page's 10 s timer is raised to 1000 s before each reset (a slow
+    model must not fail on time alone) and the env caps an episode at
+    `max_turns` (5) instead; running out of turns scores 0.
+    """
+
+    image_shape = (210, 160, 3)
+    max_elements = 20  # elements listed in the prompt, in page order, of at most 160 characters each
+
+    def __init__(self, task: str = "click-test-2", **kwargs):
+        kwargs.setdefault("max_turns", 5)
+        super().__init__(**kwargs)
+        self.task, self.inner = task, launch_miniwob(task)
+
+    def _reset(self, seed):
+        self.inner.instance.driver.execute_script("core.EPISODE_MAX_TIME = 1000000;")
+        self.obs, _ = self.inner.reset(seed=int(self.np_random.integers(2**31)))
+
+    def _act(self, action):
+        self.obs, reward, terminated, _, _ = self.inner.step(action)
+        return reward, terminated, False
+
+    def close(self):
+        self.inner.close()
+
+    # --- the text interface -------------------------------------------------
+    def elements(self) -> list[dict]:
+        """The clickable elements: every real element (ref > 0; text nodes have ref < 0) but <body>."""
+        return [e for e in self.obs["dom_elements"] if e["ref"] > 0 and e["tag"] != "body"][: self.max_elements]
+
+    @property
+    def action_words(self):
+        return [f"click(ref={e['ref']})" for e in self.elements()]
+
+    def parse_env(self, action_text):
+        """`click(ref=N)` for a listed N, or `click(x=X, y=Y)` inside the screenshot (spaces allowed)."""
+        from miniwob.action import ActionTypes
+
+        text, number = action_text or "", r"\s*(\d+(?:\.\d+)?)\s*"
+        if by_ref := re.fullmatch(r"click\(\s*ref\s*=\s*(\d+)\s*\)", text):
+            ref = int(by_ref[1])
+            listed = any(e["ref"] == ref for e in self.elements())
+            return self.inner.create_action(ActionTypes.CLICK_ELEMENT, ref=ref) if listed else None
+        if by_point := re.fullmatch(rf"click\(\s*x\s*={number},\s*y\s*={number}\)", text):
+            x, y = float(by_point[1]), float(by_point[2])
+            if x <= self.image_shape[1] and y <= self.image_shape[0]:
+                return self.inner.create_action(ActionTypes.CLICK_COORDS, coords=np.array([x, y], dtype=np.float32))
+        return None
+
+    def goal(self):
+        lines = [f"Task: {ascii_line(self.obs['utterance'])}", "Page elements:"]
+        for e in self.elements():
+            left, top, width, height = (int(e[k].item()) for k in ("left", "top", "width", "height"))
+            described = " ".join(part for part in (
+                e["tag"], f'"{e["text"]}"' if e["text"] else "", f"id={e['id']}" if e["id"] else "",
+                f"class={e['classes']}" if e["classes"] else "") if part)
+            lines.append(ascii_line(f"[{e['ref']}] {described} at x={left}..{left + width}, y={top}..{top + height}")[:160])
+        return "\n".join(lines)
+
+    def action_help(self):
+        return ("Actions: click(ref=N) clicks the element listed as [N]; "
+                "click(x=X, y=Y) clicks the screenshot's pixel (X, Y).")
+
+    def image(self):
+        return self.obs["screenshot"].copy()  # a fresh array per observation, as gymnasium requires
+
+    # --- scripted policies ----------------------------------------------------
+    def target_index(self) -> int:
+        """The element the instruction asks for: the one whose text is the task's "target" field
+        (click-test-2, click-button, click-link), else a dialog's close button, else the first button."""
+        target = dict(self.obs["fields"]).get("target", "").lower()
+        rules = (lambda e: target and e["text"].strip().lower() == target,
+                 lambda e: "titlebar-close" in e["classes"],
+                 lambda e: e["tag"] == "button")
+        elements = self.elements()
+        return next((i for rule in rules for i, e in enumerate(elements) if rule(e)), 0)
+
+    def expert_action(self):
+        return self.target_index()
+
+    def suboptimal_action(self):
+        """A consistent wrong click: the first other element with the target's tag, else the first other one."""
+        elements, right = self.elements(), self.target_index()
+        others = [i for i in range(len(elements)) if i != right]
+        same_tag = [i for i in others if elements[i]["tag"] == elements[right]["tag"]]
+        return (same_tag or others or [right])[0]
+
+
+def launch_miniwob(task: str):
+    """Start `miniwob/<task>-v1` on the local Chromium, never letting Selenium download a browser."""
+    try:
+        import miniwob
+        from miniwob.reward import get_binary_reward
+    except ImportError:
+        raise MissingDependency("MiniWoB++ needs its Python package: pip install miniwob==1.1.0")
+    binary = os.environ.get("MINIWOB_CHROME_BINARY") or shutil.which("chromium") or shutil.which("google-chrome")
+    driver = os.environ.get("MINIWOB_CHROMEDRIVER") or shutil.which("chromedriver")
+    if not (binary and driver):
+        raise MissingDependency(BROWSER_HELP)
+    os.environ["MINIWOB_CHROME_BINARY"], os.environ["MINIWOB_CHROMEDRIVER"] = binary, driver
+    gym.register_envs(miniwob)
+    if f"miniwob/{task}-v1" not in gym.registry:
+        raise ValueError(f"unknown MiniWoB++ task {task!r}")
+    return gym.make(f"miniwob/{task}-v1", reward_processor=get_binary_reward).unwrapped
+
+
+# ---------------------------------------------------------------------------
 # One way to build any env from an --env name.
 # ---------------------------------------------------------------------------
 SHORT_NAMES = {"babyai": "BabyAI-GoToRedBall-v0", "numberline": "gym_cards/NumberLine-v0",
                "ezpoints": "gym_cards/EZPoints-v0", "points24": "gym_cards/Points24-v0",
-               "blackjack": "gym_cards/Blackjack-v0"}
+               "blackjack": "gym_cards/Blackjack-v0", "miniwob": "miniwob/click-test-2-v1"}
 GYM_CARDS = {"gym_cards/NumberLine-v0": NumberLine, "gym_cards/EZPoints-v0": EZPoints,
              "gym_cards/Points24-v0": Points24, "gym_cards/Blackjack-v0": Blackjack}
 
@@ -584,9 +711,11 @@ def make_env(name: str, seed: int | None = None, **kwargs) -> TextActionEnv:
         env = BabyAIText(full, **kwargs)
     elif full in GYM_CARDS:
         env = GYM_CARDS[full](**kwargs)
+    elif re.fullmatch(r"miniwob/[\w.-]+-v1", full):
+        env = MiniWoBText(full[len("miniwob/"):-len("-v1")], **kwargs)
     else:
         raise ValueError(f"unknown env {name!r}; use one of {sorted(SHORT_NAMES)} or a full id such as "
-                         "BabyAI-GoToLocal-v0 or gym_cards/Points24-v0")
+                         "BabyAI-GoToLocal-v0 or miniwob/click-button-v1")
     if seed is not None:
         env.reset(seed=seed)
     return env
@@ -706,7 +835,7 @@ def main(argv=None):
         parser.error("--episodes must be >= 1 and --expert-fraction, --invalid-rate in [0, 1]")
     try:
         data = collect(args)
-    except ValueError as err:
+    except (ValueError, MissingDependency) as err:
         parser.exit(2, f"envs.py: error: {err}\n")
     torch.save(data, args.out)
     print(f"wrote {args.out}")

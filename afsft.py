@@ -49,6 +49,7 @@ class Args:
     critic_head: str = flag("lowrank", "Q = W_lm h + B(A h) + b with W_lm frozen (lowrank), or a full head",
                             choices=["lowrank", "full"])
     critic_rank: int = flag(32, "rank of the low-rank critic delta")
+    critic_init: str = flag("lm", "start the critic's W from the language head (lm) or from zero", choices=["lm", "zero"])
     filter: str = flag("binary", "advantage filter f(A): binary 1[A>0], exp min(exp(beta A), w_max), none = SFT",
                        choices=["binary", "exp", "none"])
     beta: float = flag(1.0, "temperature of the exp filter")
@@ -75,6 +76,7 @@ class Args:
     scheme: str = flag("tag", "prompting scheme of the env: [action] tag or JSON", choices=["tag", "json"])
     invalid_penalty: float = flag(0.1, "reward penalty for a response that is not a valid action")
     history: int = flag(0, "list this many recent actions in the prompt")
+    text_view: bool = flag(False, "also describe the image in words in the prompt (BabyAI, cards; collect the same way)")
     image_size: int = flag(56, "tiny model: square image side fed to the vision tower")
     seed: int = flag(0, "seed of the model, sampling and environments")
     log_every: int = flag(25, "write a metrics.jsonl line every N steps")
@@ -151,10 +153,10 @@ class CriticHead(nn.Module):
     """Q(s, a) for every token a. lowrank: Q = W_lm h + B(A h) + b, with W_lm a frozen copy of the
     language head, so the trainable part is d*r + r*|V| + |V| instead of d*|V| (DESIGN.md section 1)."""
 
-    def __init__(self, lm_head: nn.Linear, kind: str, rank: int):
+    def __init__(self, lm_head: nn.Linear, kind: str, rank: int, init: str = "lm"):
         super().__init__()
         self.base = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
-        self.base.weight.data.copy_(lm_head.weight.data.float())
+        self.base.weight.data.copy_(lm_head.weight.data.float() if init == "lm" else 0.0)
         self.base.weight.requires_grad_(kind == "full")
         self.down = nn.Linear(lm_head.in_features, rank, bias=False) if kind == "lowrank" else None
         self.up = nn.Linear(rank, lm_head.out_features) if kind == "lowrank" else None
@@ -173,7 +175,7 @@ class Agent(nn.Module):
         super().__init__()
         self.policy, self.processor = policy, processor  # policy: the VLM, peft-wrapped under LoRA
         self.vlm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        self.critic = CriticHead(self.vlm.get_output_embeddings(), args.critic_head, args.critic_rank)
+        self.critic = CriticHead(self.vlm.get_output_embeddings(), args.critic_head, args.critic_rank, args.critic_init)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
 
     def features(self, inputs, state_mask):
@@ -425,7 +427,8 @@ def new_episode():
 
 
 def make(args: Args):
-    return envs.make_env(args.env, scheme=args.scheme, invalid_penalty=args.invalid_penalty, history=args.history)
+    return envs.make_env(args.env, scheme=args.scheme, invalid_penalty=args.invalid_penalty, history=args.history,
+                         **({"text_view": True} if args.text_view else {}))
 
 
 def evaluate(agent, args: Args, episodes, device, seed=10**6):

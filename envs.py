@@ -809,7 +809,7 @@ def validate_dataset(data, path: str = "dataset", env_name: str | None = None) -
 
 
 def collect(args) -> dict:
-    env = make_env(args.env, scheme=args.scheme)
+    env = make_env(args.env, scheme=args.scheme, **({"text_view": True} if args.text_view else {}))
     rng = np.random.default_rng(args.seed)
     try:
         episodes = [collect_episode(env, args.policy, rng, seed=args.seed * 100_003 + i, invalid_rate=args.invalid_rate,
@@ -835,6 +835,7 @@ def main(argv=None):
     c.add_argument("--episodes", type=int, default=300, help="number of episodes (default: 300)")
     c.add_argument("--seed", type=int, default=0, help="seed of episodes and policies (default: 0)")
     c.add_argument("--scheme", default="tag", choices=sorted(SCHEMES), help="prompting scheme (default: tag)")
+    c.add_argument("--text-view", action="store_true", help="also describe the image in the prompt (BabyAI, cards)")
     c.add_argument("--out", default="data.pt", help="output file (default: data.pt)")
     args = parser.parse_args(argv)
     if args.episodes < 1 or not 0 <= args.expert_fraction <= 1 or not 0 <= args.invalid_rate <= 1:

@@ -422,6 +422,11 @@ class Rollout:
         return finished
 
 
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
 def new_episode():
     return {"images": [], "prompts": [], "actions": [], "rewards": [], "valid": []}
 
@@ -438,6 +443,7 @@ def evaluate(agent, args: Args, episodes, device, seed=10**6):
     while len(done) < episodes:
         done += rollout.step(agent, args, args.eval_temperature, device)
     agent.train()
+    rollout.close()
     done = done[:episodes]
     returns = [float(ep["rewards"].sum()) for ep in done]
     return {"success_rate": float(np.mean([rollout.envs[0].success(r) for r in returns])),
@@ -565,6 +571,9 @@ def train(args: Args):
                 bar.set_postfix({k: round(v, 3) for k, v in update("online").items() if isinstance(v, float)})
                 bar.update()
     bar.close()
+    for env in (probe, rollout):
+        if env is not None:
+            env.close()
     checkpoint(args, agent, optimizer, step, rng, online_episodes)
     result = evaluate(agent, args, args.eval_episodes, device) if args.eval_episodes else {}
     if result:
@@ -583,9 +592,9 @@ def checkpoint(args, agent, optimizer, step, rng, online_episodes):
 
 def tiny_corpus(env, dataset):
     """Text the tiny tokenizer is fitted to: the env's prompts and actions, and the dataset's."""
-    corpus = [envs.format_response(a, env.scheme) for a in env.action_words] * 50
-    for seed in range(20):
-        corpus.append(env.reset(seed=seed)[0]["prompt"])
+    corpus = []
+    for seed in range(20):  # action words can depend on the state (MiniWoB's element refs)
+        corpus += [env.reset(seed=seed)[0]["prompt"]] + [envs.format_response(a, env.scheme) for a in env.action_words] * 3
     for ep in (dataset or {}).get("episodes", [])[:200]:
         corpus += ep["prompts"][:5] + ep["actions"]
     return corpus

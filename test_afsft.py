@@ -343,6 +343,8 @@ def test_resume_continues_the_step_counter(tmp_path, dataset):
     assert second.returncode == 0, second.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)] == [2, 4, 6, 8]
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)["step"] == 8
+    other = run_cli("--resume", run, "--env", "numberline", "--offline-steps", "0")
+    assert other.returncode != 0 and "that run used --env babyai" in other.stderr and "Traceback" not in other.stderr
 
 
 def test_killed_run_resumes_without_losing_steps_or_episodes(tmp_path, dataset):

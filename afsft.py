@@ -561,11 +561,15 @@ def train(args: Args):
         bar.set_postfix({k: round(v, 3) for k, v in update("offline").items() if isinstance(v, float)})
         bar.update()
     while step < total:
-        rollout = rollout or Rollout(args, seed=args.seed * 7919 + step)
-        for _ in range(args.rollout_len):
-            for ep in rollout.step(agent, args, args.temperature, device):
-                buffer.add(ep)
-                online_episodes.append(ep)
+        try:
+            rollout = rollout or Rollout(args, seed=args.seed * 7919 + step)
+            for _ in range(args.rollout_len):
+                for ep in rollout.step(agent, args, args.temperature, device):
+                    buffer.add(ep)
+                    online_episodes.append(ep)
+        except envs.BrowserDied as err:  # stop cleanly: what was learned so far is saved
+            checkpoint(args, agent, optimizer, step, rng, online_episodes)
+            fail(f"{err}; checkpoint saved at step {step}, continue with --resume {args.out}")
         for _ in range(args.updates_per_round):
             if step < total and buffer.episodes:
                 bar.set_postfix({k: round(v, 3) for k, v in update("online").items() if isinstance(v, float)})

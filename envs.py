@@ -27,6 +27,7 @@ import operator
 import os
 import re
 import shutil
+import sys
 from fractions import Fraction
 
 import gymnasium as gym
@@ -577,6 +578,10 @@ BROWSER_HELP = ("MiniWoB++ needs Chromium and its driver: apt-get install chromi
                 "(or point MINIWOB_CHROME_BINARY and MINIWOB_CHROMEDRIVER at a Chrome and its chromedriver)")
 
 
+class BrowserDied(RuntimeError):
+    """MiniWoB's browser died and could not be restarted."""
+
+
 class MissingDependency(RuntimeError):
     """A domain's software is not installed; the message says what to install."""
 
@@ -605,12 +610,33 @@ class MiniWoBText(TextActionEnv):
         self.task, self.inner = task, launch_miniwob(task)
 
     def _reset(self, seed):
-        self.inner.instance.driver.execute_script("core.EPISODE_MAX_TIME = 1000000;")
-        self.obs, _ = self.inner.reset(seed=int(self.np_random.integers(2**31)))
+        task_seed = int(self.np_random.integers(2**31))
+        for attempt in range(2):  # a browser that died is restarted once; twice in a row stops the run
+            try:
+                self.inner.instance.driver.execute_script("core.EPISODE_MAX_TIME = 1000000;")
+                self.obs, _ = self.inner.reset(seed=task_seed)
+                return
+            except Exception as err:  # selenium and urllib3 raise many kinds when the browser is gone
+                self.restart_browser(err)
+        raise BrowserDied(f"miniwob/{self.task}: the browser died again right after a restart")
 
     def _act(self, action):
-        self.obs, reward, terminated, _, _ = self.inner.step(action)
+        try:
+            self.obs, reward, terminated, _, _ = self.inner.step(action)
+        except Exception as err:
+            # The episode cannot go on: it ends as a truncation with no reward, on its last
+            # observation, and the next reset() runs in a new browser.
+            self.restart_browser(err)
+            return 0.0, False, True
         return reward, terminated, False
+
+    def restart_browser(self, err):
+        print(f"miniwob/{self.task}: the browser died ({type(err).__name__}); restarting it", file=sys.stderr)
+        try:
+            self.inner.close()
+        except Exception:
+            pass
+        self.inner = launch_miniwob(self.task)
 
     def close(self):
         self.inner.close()

@@ -381,6 +381,27 @@ def test_killed_run_resumes_without_losing_steps_or_episodes(tmp_path, dataset):
     assert [ep["actions"] for ep in resumed_episodes[:len(saved_episodes)]] == [ep["actions"] for ep in saved_episodes]
 
 
+def test_non_finite_loss_skips_the_batch_and_never_reaches_the_weights(tmp_path, dataset, monkeypatch, capsys):
+    real, calls = afsft.afsft_loss, []
+
+    def poisoned(*args, **kwargs):  # steps 1 and 2 get a NaN and an inf loss
+        loss, stats = real(*args, **kwargs)
+        calls.append(len(calls))
+        return (loss * {0: float("nan"), 1: float("inf")}.get(calls[-1], 1.0)), stats
+
+    monkeypatch.setattr(afsft, "afsft_loss", poisoned)
+    run = str(tmp_path / "run")
+    afsft.main(["--offline", dataset, "--out", run, "--offline-steps", "4", "--eval-episodes", "0", *SMALL[:-2],
+                "--log-every", "1"])
+    assert "step 0: non-finite loss nan, batch skipped" in capsys.readouterr().err
+    assert [m.get("skipped", False) for m in read_metrics(run)] == [True, True, False, False]
+    state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
+    from safetensors.torch import load_file
+    policy = load_file(os.path.join(run, "checkpoint", "policy", "model.safetensors"))
+    tensors = [*state["critic"].values(), *state["target"].values(), *policy.values()]
+    assert tensors and all(torch.isfinite(t.float()).all() for t in tensors)
+
+
 def test_same_seed_gives_the_same_losses(tmp_path, dataset):
     losses = []
     for name in ("a", "b"):
@@ -712,3 +733,35 @@ def test_every_domain_trains_through_the_cli(name, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(run, "eval.json")) as f:
         assert json.load(f)["episodes"] == 1
+
+
+def test_miniwob_browser_death_truncates_the_episode_and_restarts_it():
+    env = miniwob_env("click-test-2")
+    try:
+        obs, _ = env.reset(seed=0)
+        env.inner.instance.driver.quit()  # the browser dies under the env
+        obs2, reward, terminated, truncated, info = env.step("[action] " + env.action_words[env.expert_action()])
+        assert (reward, terminated, truncated) == (0.0, False, True) and obs2["prompt"] == obs["prompt"]
+        obs, _ = env.reset(seed=1)  # a new browser
+        assert act(env, env.action_words[env.expert_action()])[1] == 1.0
+        env.inner.instance.driver.quit()
+        assert env.reset(seed=2)[0]["prompt"].startswith("Task:")  # death found on reset: restarted too
+    finally:
+        env.close()
+
+
+def test_a_browser_that_keeps_dying_stops_the_run_cleanly_with_a_checkpoint(tmp_path, dataset, monkeypatch):
+    env = miniwob_env("click-test-2")
+    env.inner.instance.driver.quit()
+    monkeypatch.setattr(env, "restart_browser", lambda err: None)  # a restart that does not help
+    with pytest.raises(envs.BrowserDied, match="died again right after a restart"):
+        env.reset(seed=0)
+
+    def dying(*args, **kwargs):
+        raise envs.BrowserDied("miniwob/click-test-2: the browser died again right after a restart")
+    monkeypatch.setattr(afsft.Rollout, "step", dying)
+    run = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="checkpoint saved at step 2, continue with --resume"):
+        afsft.main(["--offline", dataset, "--out", run, "--offline-steps", "2", "--online-steps", "2",
+                    "--eval-episodes", "0", *SMALL])
+    assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)["step"] == 2

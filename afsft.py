@@ -484,6 +484,10 @@ def fail(message):
 # Train loop: offline steps, then online rounds, then evaluation.
 # ---------------------------------------------------------------------------
 def train(args: Args):
+    if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint")):  # never overwrite a run
+        fail(f"--out {args.out} already holds a run: continue it with --resume {args.out}, or pick another --out")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device}: this torch build sees no CUDA device")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
@@ -502,7 +506,10 @@ def train(args: Args):
         if not resumed:
             build_tiny_vlm(tiny_corpus(probe, dataset), args.image_size, model_path)
     policy_dir = os.path.join(args.resume, "checkpoint", "policy") if resumed else ""
-    agent = load_agent(args, model_path, policy_dir).to(device)
+    try:
+        agent = load_agent(args, model_path, policy_dir).to(device)
+    except (OSError, ValueError) as err:  # a wrong path or hub id, or a model that is not image-text-to-text
+        fail(f"--model {args.model}: cannot load it ({str(err).splitlines()[0][:300]})")
     params = [p for p in agent.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     print(f"model {args.model}: {sum(p.numel() for p in agent.policy.parameters()):,} parameters, "
@@ -525,7 +532,7 @@ def train(args: Args):
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
-    log = open(metrics_path, "a")
+    log = open(metrics_path, "a" if resumed else "w")
     warmup = int(args.sft_warmup * args.offline_steps)
     total = args.offline_steps + args.online_steps * args.updates_per_round
     rollout = None
@@ -557,23 +564,24 @@ def train(args: Args):
     if step < args.offline_steps and not buffer.episodes:
         fail("the buffer is empty: give --offline data.pt, or --offline-steps 0 for a purely online run")
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
-    while step < args.offline_steps:
-        bar.set_postfix({k: round(v, 3) for k, v in update("offline").items() if isinstance(v, float)})
-        bar.update()
-    while step < total:
-        try:
+    try:
+        while step < args.offline_steps:
+            bar.set_postfix({k: round(v, 3) for k, v in update("offline").items() if isinstance(v, float)})
+            bar.update()
+        while step < total:
             rollout = rollout or Rollout(args, seed=args.seed * 7919 + step)
             for _ in range(args.rollout_len):
                 for ep in rollout.step(agent, args, args.temperature, device):
                     buffer.add(ep)
                     online_episodes.append(ep)
-        except envs.BrowserDied as err:  # stop cleanly: what was learned so far is saved
-            checkpoint(args, agent, optimizer, step, rng, online_episodes)
-            fail(f"{err}; checkpoint saved at step {step}, continue with --resume {args.out}")
-        for _ in range(args.updates_per_round):
-            if step < total and buffer.episodes:
-                bar.set_postfix({k: round(v, 3) for k, v in update("online").items() if isinstance(v, float)})
-                bar.update()
+            for _ in range(args.updates_per_round):
+                if step < total and buffer.episodes:
+                    bar.set_postfix({k: round(v, 3) for k, v in update("online").items() if isinstance(v, float)})
+                    bar.update()
+    except (KeyboardInterrupt, envs.BrowserDied) as err:  # stop cleanly, keeping what was learned
+        bar.close()
+        checkpoint(args, agent, optimizer, step, rng, online_episodes)
+        fail(f"{str(err) or 'interrupted'}; checkpoint saved at step {step}, continue with --resume {args.out}")
     bar.close()
     for env in (probe, rollout):
         if env is not None:

@@ -309,6 +309,21 @@ def test_cli_rejects_unknown_env_and_bad_flags(tmp_path, dataset):
     assert result.returncode != 0 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+
+def test_cli_refuses_a_missing_model_a_missing_gpu_and_overwriting_a_run(tmp_path, dataset):
+    def one_line_error(result, message):
+        lines = result.stderr.strip().splitlines()
+        return result.returncode != 0 and "Traceback" not in result.stderr and message in lines[-1]
+
+    run = tmp_path / "run"
+    assert one_line_error(run_cli("--model", str(tmp_path / "no-model"), "--offline-steps", "0", "--out", str(run)),
+                          "cannot load it")
+    if not torch.cuda.is_available():
+        assert one_line_error(run_cli("--device", "cuda", "--offline-steps", "0", "--out", str(run)), "sees no CUDA")
+    (run / "checkpoint").mkdir(parents=True)
+    assert one_line_error(run_cli("--offline", dataset, "--out", str(run)), "already holds a run: continue it with --resume")
+
+
 # ---------------------------------------------------------------------------
 # End to end through the CLI
 # ---------------------------------------------------------------------------
@@ -379,6 +394,22 @@ def test_killed_run_resumes_without_losing_steps_or_episodes(tmp_path, dataset):
     resumed_episodes = envs.load_dataset(os.path.join(run, "checkpoint", "buffer.pt"))["episodes"]
     assert len(saved_episodes) > 0 and len(resumed_episodes) >= len(saved_episodes)
     assert [ep["actions"] for ep in resumed_episodes[:len(saved_episodes)]] == [ep["actions"] for ep in saved_episodes]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, dataset):
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "afsft.py"), "--offline", dataset, "--out", run,
+                             "--offline-steps", "100000", "--log-every", "1", "--eval-episodes", "0", *SMALL[:-2]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(os.path.join(run, "metrics.jsonl"))
+                                          and len(read_metrics(run)) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"afsft.py: error: interrupted; checkpoint saved at step" in stderr and f"--resume {run}" in stderr
+    assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)["step"] >= 3
 
 
 def test_non_finite_loss_skips_the_batch_and_never_reaches_the_weights(tmp_path, dataset, monkeypatch, capsys):

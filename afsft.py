@@ -49,7 +49,9 @@ class Args:
     critic_head: str = flag("lowrank", "Q = W_lm h + B(A h) + b with W_lm frozen (lowrank), or a full head",
                             choices=["lowrank", "full"])
     critic_rank: int = flag(32, "rank of the low-rank critic delta")
-    critic_init: str = flag("lm", "start the critic's W from the language head (lm) or from zero", choices=["lm", "zero"])
+    critic_init: str = flag("auto", "start the critic's W from the language head (lm) or from zero; auto: lm for a "
+                            "pretrained model, zero for tiny, whose random language head says nothing",
+                            choices=["auto", "lm", "zero"])
     filter: str = flag("binary", "advantage filter f(A): binary 1[A>0], exp min(exp(beta A), w_max), none = SFT",
                        choices=["binary", "exp", "none"])
     beta: float = flag(1.0, "temperature of the exp filter")
@@ -495,11 +497,16 @@ def train(args: Args):
     resumed = load_resume_state(args) if args.resume else None
     if args.finetune == "auto":
         args.finetune = "full" if args.model == "tiny" else "lora"
+    if args.critic_init == "auto":
+        args.critic_init = "zero" if args.model == "tiny" else "lm"
     try:
         probe = make(args)
         dataset = envs.load_dataset(args.offline, args.env) if args.offline else None
     except ValueError as err:
         fail(err)
+    differs = [f"{k}={v}" for k, v in (dataset or {}).get("options", {}).items() if getattr(args, k, v) != v]
+    if differs:  # the policy would be evaluated on prompts of another form than it was trained on
+        fail(f"--offline {args.offline} was collected with {', '.join(differs)}; pass the same flags here")
     model_path = args.model
     if args.model == "tiny":  # built once per run, then loaded like any saved model
         model_path = os.path.join(args.out, "tiny-vlm")

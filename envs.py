@@ -809,6 +809,8 @@ def validate_dataset(data, path: str = "dataset", env_name: str | None = None) -
         raise DatasetError(f"{path}: field 'env' must be a string")
     if env_name is not None and SHORT_NAMES.get(data["env"], data["env"]) != SHORT_NAMES.get(env_name, env_name):
         raise DatasetError(f"{path}: collected on env {data['env']!r}, but --env is {env_name!r}")
+    if not isinstance(data.get("options", {}), dict):
+        raise DatasetError(f"{path}: field 'options' must be a dict")
     episodes = data.get("episodes")
     if not isinstance(episodes, list) or not episodes:
         raise DatasetError(f"{path}: field 'episodes' must be a non-empty list")
@@ -847,7 +849,8 @@ def collect(args) -> dict:
     print(f"{args.episodes} episodes of {args.policy} on {args.env}: success {np.mean([env.success(r) for r in returns]):.2f} "
           f"(return > 0), solved {np.mean(solved):.2f} (ended on a winning reward), mean return {np.mean(returns):.3f}, "
           f"valid actions {torch.cat([e['valid'] for e in episodes]).float().mean():.2f}")
-    return {"format": DATASET_FORMAT, "env": args.env, "episodes": episodes}
+    return {"format": DATASET_FORMAT, "env": args.env, "episodes": episodes,
+            "options": {"scheme": args.scheme, "text_view": args.text_view}}  # the prompt's form, checked by afsft.py
 
 
 def main(argv=None):

@@ -88,7 +88,7 @@ def tiny(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny"))
     env = envs.make_env("babyai")
     afsft.build_tiny_vlm(afsft.tiny_corpus(env, None), 56, path)
-    args = afsft.Args(finetune="full")
+    args = afsft.Args(finetune="full", critic_init="lm")
     torch.manual_seed(0)
     return afsft.load_agent(args, path), args
 
@@ -320,6 +320,11 @@ def test_cli_refuses_a_missing_model_a_missing_gpu_and_overwriting_a_run(tmp_pat
                           "cannot load it")
     if not torch.cuda.is_available():
         assert one_line_error(run_cli("--device", "cuda", "--offline-steps", "0", "--out", str(run)), "sees no CUDA")
+    data = envs.load_dataset(dataset)
+    data["options"]["text_view"] = True
+    torch.save(data, tmp_path / "text-view.pt")
+    assert one_line_error(run_cli("--offline", str(tmp_path / "text-view.pt"), "--out", str(run)),
+                          "was collected with text_view=True; pass the same flags here")
     (run / "checkpoint").mkdir(parents=True)
     assert one_line_error(run_cli("--offline", dataset, "--out", str(run)), "already holds a run: continue it with --resume")
 

@@ -83,6 +83,8 @@ class Args:
     save_every: int = flag(500, "write the checkpoint every N steps (and at the end)")
     save_buffer: bool = flag(False, "also save the online episodes with the checkpoint")
     device: str = flag("auto", "cpu, cuda, or auto")
+    dtype: str = flag("fp32", "VLM weights in bf16 (GPU) or fp32; the critic head and losses stay fp32", choices=["fp32", "bf16"])
+    gradient_checkpointing: bool = flag(False, "recompute the VLM's activations in backward: less memory, more time")
 
 
 def parse_args(argv=None) -> Args:
@@ -117,11 +119,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] i
 
 
 def build_tiny_vlm(corpus, image_size, path):
-    """A real LLaVA (SigLIP tower + Llama text model) with a byte-level BPE tokenizer fitted to `corpus`.
-
-    Random weights, nothing downloaded. It is saved to `path`, so that it loads
-    exactly like a pretrained model does.
-    """
+    """A real LLaVA (SigLIP tower + Llama text model) with a byte-level BPE tokenizer fitted to `corpus`. Random
+    weights, nothing downloaded. It is saved to `path`, so that it loads exactly like a pretrained model does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                               PreTrainedTokenizerFast, SiglipVisionConfig)
@@ -181,7 +180,7 @@ class Agent(nn.Module):
     def features(self, inputs, state_mask):
         """Last hidden states at the response's state positions only: the heads never see the
         prompt or image tokens, which with a 150k vocabulary would be most of the memory."""
-        hidden = self.vlm.model(**inputs).last_hidden_state
+        hidden = self.vlm.model(**inputs, use_cache=False).last_hidden_state
         return hidden[state_mask]
 
     @torch.no_grad()
@@ -195,50 +194,80 @@ def load_agent(args: Args, model_path: str, policy_dir: str = ""):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_path)
-    vlm = AutoModelForImageTextToText.from_pretrained(policy_dir if args.finetune == "full" and policy_dir else model_path)
+    try:
+        processor = AutoProcessor.from_pretrained(model_path)
+    except ImportError as err:  # transformers 5 builds Qwen2-VL's video processor on torchvision
+        fail(f"--model {model_path}: {str(err).strip().splitlines()[0]} (pip install torchvision)")
+    vlm = AutoModelForImageTextToText.from_pretrained(policy_dir if args.finetune == "full" and policy_dir else model_path,
+                                                      dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    if args.gradient_checkpointing:  # non-reentrant: the frozen embeddings need no requires_grad hook
+        vlm.activation_checkpointing_enable()
     if args.finetune == "lora":
         vlm.requires_grad_(False)
         if policy_dir:
             vlm = PeftModel.from_pretrained(vlm, policy_dir, is_trainable=True)
-        else:  # every linear layer of the language model, none of the vision tower's
-            names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear) and
-                     {"language_model", "text_model"} & set(n.split("."))]
+        else:  # every linear layer of the language model (the decoder): none of the vision tower, projector, lm_head
+            decoder = set(map(id, vlm.get_decoder().modules()))
+            names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear) and id(m) in decoder]
             vlm = get_peft_model(vlm, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=names))
     return Agent(vlm, processor, args)
 
 
 # ---------------------------------------------------------------------------
-# Encoding: (image, prompt) through the chat template; responses end in EOS.
+# Encoding: (image, prompt) through the family's chat template; responses end in its end-of-turn token.
 # ---------------------------------------------------------------------------
+# What differs between VLM families, keyed by the processor class that formats their text. "end": the token
+# closing an assistant turn in the family's chat template, which the agent learns to write and generation stops
+# at (default: the tokenizer's EOS). "prompt": the processor's text format where there is no chat template.
+FAMILIES = {
+    "LlavaProcessor": {},                                # "USER: <image>\n... ASSISTANT:" then EOS
+    "Idefics3Processor": {"end": "<end_of_utterance>"},  # Idefics3 and SmolVLM
+    "Qwen2VLProcessor": {"end": "<|im_end|>"},           # ChatML
+    "PaliGemmaProcessor": {"prompt": "<image>{}"},       # the processor adds "<bos>" and the "\n" ending the prefix
+}
+
+
+def end_token_id(processor):
+    tokenizer = processor.tokenizer
+    return tokenizer.convert_tokens_to_ids(FAMILIES.get(type(processor).__name__, {}).get("end", tokenizer.eos_token))
+
+
 def encode(processor, images, prompts, responses=None, max_response_tokens=24):
     """Model inputs for a batch of turns.
 
     Without responses: the prompts, left-padded for `generate`. With responses:
-    prompt + response + EOS, right-padded, and `state_mask` marking the
-    positions whose hidden state predicts a response token, i.e. the states
+    prompt + response + end-of-turn token, right-padded, and `state_mask` marking
+    the positions whose hidden state predicts a response token, i.e. the states
     s_1..s_l of the token-level MDP, and `actions`, the tokens y_1..y_l.
     """
-    tokenizer = processor.tokenizer
-    chats = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                                           add_generation_prompt=True, tokenize=False) for p in prompts]
+    tokenizer, family = processor.tokenizer, FAMILIES.get(type(processor).__name__, {})
+    chats = [family["prompt"].format(p) if "prompt" in family else processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+        add_generation_prompt=True, tokenize=False) for p in prompts]
     tokenizer.padding_side = "left" if responses is None else "right"
-    inputs = processor(images=list(images), text=chats, padding=True, return_tensors="pt")
+    bos = tokenizer.bos_token  # a template that writes the BOS itself must not get a second one
+    inputs = processor(images=list(images), text=chats, padding=True, return_tensors="pt",
+                       add_special_tokens=not (bos and chats[0].startswith(bos)))
+    inputs.pop("labels", None)  # PaliGemma's processor adds training labels; the losses build their own
     if responses is None:
         return inputs
     ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    ids = [r[:max_response_tokens - 1] + [tokenizer.eos_token_id] for r in ids]
+    ids = [r[:max_response_tokens - 1] + [end_token_id(processor)] for r in ids]
     prompt_lengths = inputs["attention_mask"].sum(1).tolist()
     width = max(p + len(r) for p, r in zip(prompt_lengths, ids))
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+    # the per-token inputs grow to the new width. The response is text (mm_token_type_ids 0), and in
+    # PaliGemma the suffix (token_type_ids 1): the prompt attends both ways, the response causally.
+    after_prompt = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 1, "mm_token_type_ids": 0}
+    grown = {k: torch.full((len(ids), width), v, dtype=inputs[k].dtype) for k, v in after_prompt.items() if k in inputs}
     state_mask = torch.zeros(len(ids), width, dtype=torch.bool)
     for b, (p, r) in enumerate(zip(prompt_lengths, ids)):
-        input_ids[b, :p] = inputs["input_ids"][b, :p]
-        input_ids[b, p:p + len(r)] = torch.tensor(r)
+        for key, tensor in grown.items():
+            tensor[b, :p] = inputs[key][b, :p]
+        grown["input_ids"][b, p:p + len(r)] = torch.tensor(r)
+        grown["attention_mask"][b, :p + len(r)] = 1
         state_mask[b, p - 1:p - 1 + len(r)] = True  # the state before token j is position p-1+j
-    inputs["input_ids"], inputs["attention_mask"] = input_ids, (input_ids != tokenizer.pad_token_id).long()
-    inputs["attention_mask"][state_mask] = 1  # a response may legitimately contain the pad id
-    return inputs, state_mask, input_ids[:, 1:][state_mask[:, :-1]], torch.tensor([len(r) for r in ids])
+    inputs.update(grown)
+    return inputs, state_mask, inputs["input_ids"][:, 1:][state_mask[:, :-1]], torch.tensor([len(r) for r in ids])
 
 
 # ---------------------------------------------------------------------------
@@ -378,7 +407,7 @@ def bootstrap_values(agent, batch, device):
     """Vbar at the first state of the turns that follow each run: one extra no-grad forward over
     their prompts, the only compute AFSFT adds over SFT besides the critic head."""
     inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
-    h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
+    h = agent.vlm.model(**inputs, use_cache=False).last_hidden_state[:, -1]  # left-padded: the last prompt token
     return state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
 
 
@@ -389,8 +418,9 @@ def bootstrap_values(agent, batch, device):
 def act(agent, observations, temperature, max_new_tokens, device):
     inputs = encode(agent.processor, [o["image"] for o in observations], [o["prompt"] for o in observations]).to(device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
-    out = agent.policy.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=agent.processor.tokenizer.pad_token_id,
-                                eos_token_id=agent.processor.tokenizer.eos_token_id, **sampling)
+    tokenizer = agent.processor.tokenizer  # stop at the family's end of turn (or a stray EOS); reuse the KV cache
+    out = agent.policy.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                eos_token_id=[end_token_id(agent.processor), tokenizer.eos_token_id], **sampling)
     return agent.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -420,7 +450,6 @@ class Rollout:
                                  "valid": torch.tensor(ep["valid"]), "terminated": terminated, "truncated": truncated})
                 self.obs[i], self.open[i] = env.reset(seed=next(self.seeds))[0], new_episode()
         return finished
-
 
     def close(self):
         for env in self.envs:
@@ -502,7 +531,7 @@ def train(args: Args):
         if not resumed:
             build_tiny_vlm(tiny_corpus(probe, dataset), args.image_size, model_path)
     policy_dir = os.path.join(args.resume, "checkpoint", "policy") if resumed else ""
-    agent = load_agent(args, model_path, policy_dir).to(device)
+    agent = load_agent(args, model_path, policy_dir).to(device).train()
     params = [p for p in agent.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     print(f"model {args.model}: {sum(p.numel() for p in agent.policy.parameters()):,} parameters, "

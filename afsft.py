@@ -13,6 +13,7 @@ written out in DESIGN.md section 1 and in the README.
 """
 import argparse
 import copy
+import hashlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -515,6 +517,21 @@ def fail(message):
 def train(args: Args):
     os.makedirs(args.out, exist_ok=True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun, nanoGPT-style
+    ddp, master = world > 1, rank == 0  # one process per device; rank 0 builds the tiny model, logs, evaluates, saves
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        args.seed += 1000 * rank  # its own environments and batches; the weights are rank 0's (broadcast below)
+
+    def on_all_ranks(flag):  # a decision every rank takes together, or one would wait forever in all_reduce
+        flag = torch.tensor(float(bool(flag)), device=device)
+        if ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
+
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     resumed = load_resume_state(args) if args.resume else None
@@ -528,33 +545,40 @@ def train(args: Args):
     model_path = args.model
     if args.model == "tiny":  # built once per run, then loaded like any saved model
         model_path = os.path.join(args.out, "tiny-vlm")
-        if not resumed:
+        if not resumed and master:
             build_tiny_vlm(tiny_corpus(probe, dataset), args.image_size, model_path)
+    if ddp:
+        dist.barrier()  # the other ranks load the tiny model once rank 0 has saved it
     policy_dir = os.path.join(args.resume, "checkpoint", "policy") if resumed else ""
     agent = load_agent(args, model_path, policy_dir).to(device).train()
     params = [p for p in agent.parameters() if p.requires_grad]
+    if ddp:  # rank 0's random inits (LoRA, critic) for everyone
+        for p in [*params, *agent.target.parameters()]:
+            dist.broadcast(p.data, 0)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    print(f"model {args.model}: {sum(p.numel() for p in agent.policy.parameters()):,} parameters, "
-          f"{sum(p.numel() for p in params):,} trainable ({args.finetune}, critic head {args.critic_head})")
+    if master:
+        print(f"model {args.model}: {sum(p.numel() for p in agent.policy.parameters()):,} parameters, "
+              f"{sum(p.numel() for p in params):,} trainable ({args.finetune}, critic head {args.critic_head})")
 
-    buffer = Buffer(dataset["episodes"] if dataset else [])
+    buffer = Buffer(dataset["episodes"][rank::world] if dataset else [])  # each rank trains on its shard
     online_episodes, step, state = [], 0, {}
     if resumed:
         agent.critic.load_state_dict(resumed["critic"])
         agent.target.load_state_dict(resumed["target"])
         optimizer.load_state_dict(resumed["optimizer"])
-        step, online_episodes = resumed["step"], resumed.get("online_episodes", [])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        rng.bit_generator.state = resumed["rng"]["numpy"]
+        step, online_episodes = resumed["step"], resumed.get("online_episodes", []) if master else []
+        if master:  # only rank 0's random streams and online episodes are saved
+            torch.set_rng_state(resumed["rng"]["torch"])
+            rng.bit_generator.state = resumed["rng"]["numpy"]
         for ep in online_episodes:
             buffer.add(ep)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if resumed and os.path.exists(metrics_path):  # forget what was logged after the checkpoint
+    if master and resumed and os.path.exists(metrics_path):  # forget what was logged after the checkpoint
         with open(metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
-    log = open(metrics_path, "a")
+    log = open(metrics_path, "a") if master else None
     warmup = int(args.sft_warmup * args.offline_steps)
     total = args.offline_steps + args.online_steps * args.updates_per_round
     rollout = None
@@ -564,28 +588,31 @@ def train(args: Args):
         loss, stats = afsft_loss(agent, buffer.sample(rng, args.batch_turns, args.run_length), args,
                                  use_filter=step >= warmup, device=device)
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):  # never let a NaN reach the weights
+        if not on_all_ranks(torch.isfinite(loss)):  # never let a NaN reach the weights
             print(f"step {step}: non-finite loss {loss.item()}, batch skipped", file=sys.stderr)
             stats["skipped"] = True
         else:
             loss.backward()
+            if ddp:  # average the gradients over the ranks, as DDP does (it would also bucket them)
+                for grad in [p.grad for p in params if p.grad is not None]:
+                    dist.all_reduce(grad.div_(world))
             stats["grad_norm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
             optimizer.step()
             agent.update_target(args.tau)
         step += 1
-        if step % args.log_every == 0 or step == total:
+        if master and (step % args.log_every == 0 or step == total):
             stats.update(step=step, phase=phase, buffer_turns=buffer.num_turns())
             if args.eval_every and step % args.eval_every == 0:
                 stats.update(evaluate(agent, args, max(args.eval_episodes // 2, 1), device))
             log.write(json.dumps(stats) + "\n")
             log.flush()
-        if step % args.save_every == 0:
+        if master and step % args.save_every == 0:
             checkpoint(args, agent, optimizer, step, rng, online_episodes)
         return stats
 
     if step < args.offline_steps and not buffer.episodes:
         fail("the buffer is empty: give --offline data.pt, or --offline-steps 0 for a purely online run")
-    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=not master)
     while step < args.offline_steps:
         bar.set_postfix({k: round(v, 3) for k, v in update("offline").items() if isinstance(v, float)})
         bar.update()
@@ -596,13 +623,19 @@ def train(args: Args):
                 buffer.add(ep)
                 online_episodes.append(ep)
         for _ in range(args.updates_per_round):
-            if step < total and buffer.episodes:
+            if step < total and on_all_ranks(buffer.episodes):
                 bar.set_postfix({k: round(v, 3) for k, v in update("online").items() if isinstance(v, float)})
                 bar.update()
     bar.close()
     for env in (probe, rollout):
         if env is not None:
             env.close()
+    if ddp:  # gradients were averaged, so every rank ends with the same weights: a line to compare
+        digest = hashlib.sha1(b"".join(p.detach().float().cpu().numpy().tobytes() for p in params)).hexdigest()
+        print(f"rank {rank}: trainable weights sha1 {digest[:16]}")
+        dist.destroy_process_group()
+    if not master:
+        return {}
     checkpoint(args, agent, optimizer, step, rng, online_episodes)
     result = evaluate(agent, args, args.eval_episodes, device) if args.eval_episodes else {}
     if result:

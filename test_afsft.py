@@ -934,3 +934,17 @@ def test_generation_reuses_the_kv_cache(tiny):
     finally:
         hook.remove()
     assert lengths[0] > 10 and len(lengths) > 1 and set(lengths[1:]) == {1}
+
+
+def test_torchrun_ranks_end_with_the_same_weights(numberline_data, tmp_path):
+    run = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(HERE, "afsft.py"), "--env", "numberline", "--offline", numberline_data, "--out", run,
+                             "--offline-steps", "3", "--online-steps", "1", "--eval-episodes", "2", "--image-size", "32", *SMALL],
+                            capture_output=True, text=True, timeout=600, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = dict(re.findall(r"rank (\d+): trainable weights sha1 (\w+)", result.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    steps = [m["step"] for m in read_metrics(run)]  # written by rank 0 alone
+    assert steps == [2, 4, 5, 5] and json.load(open(os.path.join(run, "eval.json")))["episodes"] == 2
+    assert os.path.exists(os.path.join(run, "checkpoint", "state.pt"))

@@ -10,6 +10,7 @@ written out in DESIGN.md section 1 and in the README.
     python envs.py collect --env babyai --policy mixed --expert-fraction 0.3 --episodes 300 --out data.pt
     python afsft.py --env babyai --offline data.pt --out runs/afsft
     python afsft.py --env babyai --offline data.pt --out runs/sft --filter none   # the SFT baseline
+    torchrun --standalone --nproc_per_node=4 afsft.py --env babyai --offline data.pt --model Qwen/Qwen2-VL-2B-Instruct --dtype bf16
 """
 import argparse
 import copy

@@ -410,7 +410,7 @@ def bootstrap_values(agent, batch, device):
     """Vbar at the first state of the turns that follow each run: one extra no-grad forward over
     their prompts, the only compute AFSFT adds over SFT besides the critic head."""
     inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
-    h = agent.vlm.model(**inputs, use_cache=False).last_hidden_state[:, -1]  # left-padded: the last prompt token
+    h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
     return state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
 
 

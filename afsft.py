@@ -10,9 +10,11 @@ written out in DESIGN.md section 1 and in the README.
     python envs.py collect --env babyai --policy mixed --expert-fraction 0.3 --episodes 300 --out data.pt
     python afsft.py --env babyai --offline data.pt --out runs/afsft
     python afsft.py --env babyai --offline data.pt --out runs/sft --filter none   # the SFT baseline
+    torchrun --standalone --nproc_per_node=4 afsft.py --env babyai --offline data.pt --model Qwen/Qwen2-VL-2B-Instruct --dtype bf16
 """
 import argparse
 import copy
+import hashlib
 import json
 import os
 import random
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -85,6 +88,8 @@ class Args:
     save_every: int = flag(500, "write the checkpoint every N steps (and at the end)")
     save_buffer: bool = flag(False, "also save the online episodes with the checkpoint")
     device: str = flag("auto", "cpu, cuda, or auto")
+    dtype: str = flag("fp32", "VLM weights in bf16 (GPU) or fp32; the critic head and losses stay fp32", choices=["fp32", "bf16"])
+    gradient_checkpointing: bool = flag(False, "recompute the VLM's activations in backward: less memory, more time")
 
 
 def parse_args(argv=None) -> Args:
@@ -119,11 +124,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] i
 
 
 def build_tiny_vlm(corpus, image_size, path):
-    """A real LLaVA (SigLIP tower + Llama text model) with a byte-level BPE tokenizer fitted to `corpus`.
-
-    Random weights, nothing downloaded. It is saved to `path`, so that it loads
-    exactly like a pretrained model does.
-    """
+    """A real LLaVA (SigLIP tower + Llama text model) with a byte-level BPE tokenizer fitted to `corpus`. Random
+    weights, nothing downloaded. It is saved to `path`, so that it loads exactly like a pretrained model does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                               PreTrainedTokenizerFast, SiglipVisionConfig)
@@ -183,7 +185,7 @@ class Agent(nn.Module):
     def features(self, inputs, state_mask):
         """Last hidden states at the response's state positions only: the heads never see the
         prompt or image tokens, which with a 150k vocabulary would be most of the memory."""
-        hidden = self.vlm.model(**inputs).last_hidden_state
+        hidden = self.vlm.model(**inputs, use_cache=False).last_hidden_state
         return hidden[state_mask]
 
     @torch.no_grad()
@@ -197,50 +199,80 @@ def load_agent(args: Args, model_path: str, policy_dir: str = ""):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_path)
-    vlm = AutoModelForImageTextToText.from_pretrained(policy_dir if args.finetune == "full" and policy_dir else model_path)
+    try:
+        processor = AutoProcessor.from_pretrained(model_path)
+    except ImportError as err:  # transformers 5 builds Qwen2-VL's video processor on torchvision
+        fail(f"--model {model_path}: {str(err).strip().splitlines()[0]} (pip install torchvision)")
+    vlm = AutoModelForImageTextToText.from_pretrained(policy_dir if args.finetune == "full" and policy_dir else model_path,
+                                                      dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    if args.gradient_checkpointing:  # non-reentrant: the frozen embeddings need no requires_grad hook
+        vlm.activation_checkpointing_enable()
     if args.finetune == "lora":
         vlm.requires_grad_(False)
         if policy_dir:
             vlm = PeftModel.from_pretrained(vlm, policy_dir, is_trainable=True)
-        else:  # every linear layer of the language model, none of the vision tower's
-            names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear) and
-                     {"language_model", "text_model"} & set(n.split("."))]
+        else:  # every linear layer of the language model (the decoder): none of the vision tower, projector, lm_head
+            decoder = set(map(id, vlm.get_decoder().modules()))
+            names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear) and id(m) in decoder]
             vlm = get_peft_model(vlm, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=names))
     return Agent(vlm, processor, args)
 
 
 # ---------------------------------------------------------------------------
-# Encoding: (image, prompt) through the chat template; responses end in EOS.
+# Encoding: (image, prompt) through the family's chat template; responses end in its end-of-turn token.
 # ---------------------------------------------------------------------------
+# What differs between VLM families, keyed by the processor class that formats their text. "end": the token
+# closing an assistant turn in the family's chat template, which the agent learns to write and generation stops
+# at (default: the tokenizer's EOS). "prompt": the processor's text format where there is no chat template.
+FAMILIES = {
+    "LlavaProcessor": {},                                # "USER: <image>\n... ASSISTANT:" then EOS
+    "Idefics3Processor": {"end": "<end_of_utterance>"},  # Idefics3 and SmolVLM
+    "Qwen2VLProcessor": {"end": "<|im_end|>"},           # ChatML
+    "PaliGemmaProcessor": {"prompt": "<image>{}"},       # the processor adds "<bos>" and the "\n" ending the prefix
+}
+
+
+def end_token_id(processor):
+    tokenizer = processor.tokenizer
+    return tokenizer.convert_tokens_to_ids(FAMILIES.get(type(processor).__name__, {}).get("end", tokenizer.eos_token))
+
+
 def encode(processor, images, prompts, responses=None, max_response_tokens=24):
     """Model inputs for a batch of turns.
 
     Without responses: the prompts, left-padded for `generate`. With responses:
-    prompt + response + EOS, right-padded, and `state_mask` marking the
-    positions whose hidden state predicts a response token, i.e. the states
+    prompt + response + end-of-turn token, right-padded, and `state_mask` marking
+    the positions whose hidden state predicts a response token, i.e. the states
     s_1..s_l of the token-level MDP, and `actions`, the tokens y_1..y_l.
     """
-    tokenizer = processor.tokenizer
-    chats = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                                           add_generation_prompt=True, tokenize=False) for p in prompts]
+    tokenizer, family = processor.tokenizer, FAMILIES.get(type(processor).__name__, {})
+    chats = [family["prompt"].format(p) if "prompt" in family else processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+        add_generation_prompt=True, tokenize=False) for p in prompts]
     tokenizer.padding_side = "left" if responses is None else "right"
-    inputs = processor(images=list(images), text=chats, padding=True, return_tensors="pt")
+    bos = tokenizer.bos_token  # a template that writes the BOS itself must not get a second one
+    inputs = processor(images=list(images), text=chats, padding=True, return_tensors="pt",
+                       add_special_tokens=not (bos and chats[0].startswith(bos)))
+    inputs.pop("labels", None)  # PaliGemma's processor adds training labels; the losses build their own
     if responses is None:
         return inputs
     ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    ids = [r[:max_response_tokens - 1] + [tokenizer.eos_token_id] for r in ids]
+    ids = [r[:max_response_tokens - 1] + [end_token_id(processor)] for r in ids]
     prompt_lengths = inputs["attention_mask"].sum(1).tolist()
     width = max(p + len(r) for p, r in zip(prompt_lengths, ids))
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+    # the per-token inputs grow to the new width. The response is text (mm_token_type_ids 0), and in
+    # PaliGemma the suffix (token_type_ids 1): the prompt attends both ways, the response causally.
+    after_prompt = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 1, "mm_token_type_ids": 0}
+    grown = {k: torch.full((len(ids), width), v, dtype=inputs[k].dtype) for k, v in after_prompt.items() if k in inputs}
     state_mask = torch.zeros(len(ids), width, dtype=torch.bool)
     for b, (p, r) in enumerate(zip(prompt_lengths, ids)):
-        input_ids[b, :p] = inputs["input_ids"][b, :p]
-        input_ids[b, p:p + len(r)] = torch.tensor(r)
+        for key, tensor in grown.items():
+            tensor[b, :p] = inputs[key][b, :p]
+        grown["input_ids"][b, p:p + len(r)] = torch.tensor(r)
+        grown["attention_mask"][b, :p + len(r)] = 1
         state_mask[b, p - 1:p - 1 + len(r)] = True  # the state before token j is position p-1+j
-    inputs["input_ids"], inputs["attention_mask"] = input_ids, (input_ids != tokenizer.pad_token_id).long()
-    inputs["attention_mask"][state_mask] = 1  # a response may legitimately contain the pad id
-    return inputs, state_mask, input_ids[:, 1:][state_mask[:, :-1]], torch.tensor([len(r) for r in ids])
+    inputs.update(grown)
+    return inputs, state_mask, inputs["input_ids"][:, 1:][state_mask[:, :-1]], torch.tensor([len(r) for r in ids])
 
 
 # ---------------------------------------------------------------------------
@@ -391,8 +423,9 @@ def bootstrap_values(agent, batch, device):
 def act(agent, observations, temperature, max_new_tokens, device):
     inputs = encode(agent.processor, [o["image"] for o in observations], [o["prompt"] for o in observations]).to(device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
-    out = agent.policy.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=agent.processor.tokenizer.pad_token_id,
-                                eos_token_id=agent.processor.tokenizer.eos_token_id, **sampling)
+    tokenizer = agent.processor.tokenizer  # stop at the family's end of turn (or a stray EOS); reuse the KV cache
+    out = agent.policy.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                eos_token_id=[end_token_id(agent.processor), tokenizer.eos_token_id], **sampling)
     return agent.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -422,7 +455,6 @@ class Rollout:
                                  "valid": torch.tensor(ep["valid"]), "terminated": terminated, "truncated": truncated})
                 self.obs[i], self.open[i] = env.reset(seed=next(self.seeds))[0], new_episode()
         return finished
-
 
     def close(self):
         for env in self.envs:
@@ -492,6 +524,21 @@ def train(args: Args):
         fail(f"--device {args.device}: this torch build sees no CUDA device")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun, nanoGPT-style
+    ddp, master = world > 1, rank == 0  # one process per device; rank 0 builds the tiny model, logs, evaluates, saves
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        args.seed += 1000 * rank  # its own environments and batches; the weights are rank 0's (broadcast below)
+
+    def on_all_ranks(flag):  # a decision every rank takes together, or one would wait forever in all_reduce
+        flag = torch.tensor(float(bool(flag)), device=device)
+        if ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
+
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     resumed = load_resume_state(args) if args.resume else None
@@ -510,36 +557,43 @@ def train(args: Args):
     model_path = args.model
     if args.model == "tiny":  # built once per run, then loaded like any saved model
         model_path = os.path.join(args.out, "tiny-vlm")
-        if not resumed:
+        if not resumed and master:
             build_tiny_vlm(tiny_corpus(probe, dataset), args.image_size, model_path)
+    if ddp:
+        dist.barrier()  # the other ranks load the tiny model once rank 0 has saved it
     policy_dir = os.path.join(args.resume, "checkpoint", "policy") if resumed else ""
     try:
-        agent = load_agent(args, model_path, policy_dir).to(device)
+        agent = load_agent(args, model_path, policy_dir).to(device).train()
     except (OSError, ValueError) as err:  # a wrong path or hub id, or a model that is not image-text-to-text
         fail(f"--model {args.model}: cannot load it ({str(err).splitlines()[0][:300]})")
     params = [p for p in agent.parameters() if p.requires_grad]
+    if ddp:  # rank 0's random inits (LoRA, critic) for everyone
+        for p in [*params, *agent.target.parameters()]:
+            dist.broadcast(p.data, 0)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    print(f"model {args.model}: {sum(p.numel() for p in agent.policy.parameters()):,} parameters, "
-          f"{sum(p.numel() for p in params):,} trainable ({args.finetune}, critic head {args.critic_head})")
+    if master:
+        print(f"model {args.model}: {sum(p.numel() for p in agent.policy.parameters()):,} parameters, "
+              f"{sum(p.numel() for p in params):,} trainable ({args.finetune}, critic head {args.critic_head})")
 
-    buffer = Buffer(dataset["episodes"] if dataset else [])
+    buffer = Buffer(dataset["episodes"][rank::world] if dataset else [])  # each rank trains on its shard
     online_episodes, step, state = [], 0, {}
     if resumed:
         agent.critic.load_state_dict(resumed["critic"])
         agent.target.load_state_dict(resumed["target"])
         optimizer.load_state_dict(resumed["optimizer"])
-        step, online_episodes = resumed["step"], resumed.get("online_episodes", [])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        rng.bit_generator.state = resumed["rng"]["numpy"]
+        step, online_episodes = resumed["step"], resumed.get("online_episodes", []) if master else []
+        if master:  # only rank 0's random streams and online episodes are saved
+            torch.set_rng_state(resumed["rng"]["torch"])
+            rng.bit_generator.state = resumed["rng"]["numpy"]
         for ep in online_episodes:
             buffer.add(ep)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if resumed and os.path.exists(metrics_path):  # forget what was logged after the checkpoint
+    if master and resumed and os.path.exists(metrics_path):  # forget what was logged after the checkpoint
         with open(metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
-    log = open(metrics_path, "a" if resumed else "w")
+    log = open(metrics_path, "a" if resumed else "w") if master else None
     warmup = int(args.sft_warmup * args.offline_steps)
     total = args.offline_steps + args.online_steps * args.updates_per_round
     rollout = None
@@ -549,28 +603,31 @@ def train(args: Args):
         loss, stats = afsft_loss(agent, buffer.sample(rng, args.batch_turns, args.run_length), args,
                                  use_filter=step >= warmup, device=device)
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):  # never let a NaN reach the weights
+        if not on_all_ranks(torch.isfinite(loss)):  # never let a NaN reach the weights
             print(f"step {step}: non-finite loss {loss.item()}, batch skipped", file=sys.stderr)
             stats["skipped"] = True
         else:
             loss.backward()
+            if ddp:  # average the gradients over the ranks, as DDP does (it would also bucket them)
+                for grad in [p.grad for p in params if p.grad is not None]:
+                    dist.all_reduce(grad.div_(world))
             stats["grad_norm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
             optimizer.step()
             agent.update_target(args.tau)
         step += 1
-        if step % args.log_every == 0 or step == total:
+        if master and (step % args.log_every == 0 or step == total):
             stats.update(step=step, phase=phase, buffer_turns=buffer.num_turns())
             if args.eval_every and step % args.eval_every == 0:
                 stats.update(evaluate(agent, args, max(args.eval_episodes // 2, 1), device))
             log.write(json.dumps(stats) + "\n")
             log.flush()
-        if step % args.save_every == 0:
+        if master and step % args.save_every == 0:
             checkpoint(args, agent, optimizer, step, rng, online_episodes)
         return stats
 
     if step < args.offline_steps and not buffer.episodes:
         fail("the buffer is empty: give --offline data.pt, or --offline-steps 0 for a purely online run")
-    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=not master)
     try:
         while step < args.offline_steps:
             bar.set_postfix({k: round(v, 3) for k, v in update("offline").items() if isinstance(v, float)})
@@ -582,17 +639,24 @@ def train(args: Args):
                     buffer.add(ep)
                     online_episodes.append(ep)
             for _ in range(args.updates_per_round):
-                if step < total and buffer.episodes:
+                if step < total and on_all_ranks(buffer.episodes):
                     bar.set_postfix({k: round(v, 3) for k, v in update("online").items() if isinstance(v, float)})
                     bar.update()
     except (KeyboardInterrupt, envs.BrowserDied) as err:  # stop cleanly, keeping what was learned
         bar.close()
-        checkpoint(args, agent, optimizer, step, rng, online_episodes)
+        if master:
+            checkpoint(args, agent, optimizer, step, rng, online_episodes)
         fail(f"{str(err) or 'interrupted'}; checkpoint saved at step {step}, continue with --resume {args.out}")
     bar.close()
     for env in (probe, rollout):
         if env is not None:
             env.close()
+    if ddp:  # gradients were averaged, so every rank ends with the same weights: a line to compare
+        digest = hashlib.sha1(b"".join(p.detach().float().cpu().numpy().tobytes() for p in params)).hexdigest()
+        print(f"rank {rank}: trainable weights sha1 {digest[:16]}")
+        dist.destroy_process_group()
+    if not master:
+        return {}
     checkpoint(args, agent, optimizer, step, rng, online_episodes)
     result = evaluate(agent, args, args.eval_episodes, device) if args.eval_episodes else {}
     if result:

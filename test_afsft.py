@@ -1,8 +1,10 @@
 """Tests for afsft.py and envs.py: losses against hand-computed values, the dataset
 contract, the buffer, the env wrappers, and short end-to-end runs through the CLI."""
+import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -801,3 +803,237 @@ def test_a_browser_that_keeps_dying_stops_the_run_cleanly_with_a_checkpoint(tmp_
         afsft.main(["--offline", dataset, "--out", run, "--offline-steps", "2", "--online-steps", "2",
                     "--eval-episodes", "0", *SMALL])
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)["step"] == 2
+
+
+# ---------------------------------------------------------------------------
+# Bring your own VLM: tiny random models of four real families, each with its
+# own processor class and chat template, saved and loaded like a hub model;
+# the GPU flags; and torchrun
+# ---------------------------------------------------------------------------
+FAMILY_TEMPLATES = {  # the families' chat templates, cut down to one image and text per message
+    "llava": "{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+             "<image>\n{% else %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
+             "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
+    "idefics3": "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}{% if m['content'][0]['type'] == 'image' %}:"
+                "{% else %}: {% endif %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<image>"
+                "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}",
+    "qwen2_vl": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+}
+FAMILY_END = {"llava": "</s>", "idefics3": "<end_of_utterance>", "qwen2_vl": "<|im_end|>", "paligemma": "<eos>"}
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+
+
+def family_tokenizer(corpus, specials, eos, bos=None, adds_bos=False):
+    """A byte-level BPE fitted to `corpus` with the family's special tokens; Llama's adds BOS itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if adds_bos:
+        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bpe.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=specials[0])
+
+
+def build_family(family, corpus, path, side=32):
+    """A random model of the family's real architecture (2 layers, width 32-64, 8 px patches on `side` px
+    images) and its real processor class with the PIL image processor, saved to `path`."""
+    import transformers as T
+
+    text = dict(vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=side, patch_size=8)
+    if family == "llava":  # LLaVA-1.5: CLIP tower, Llama, "USER: <image>\n... ASSISTANT:", a tokenizer that adds <s>
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        tok = family_tokenizer(corpus, ["<pad>", "<s>", "</s>", "<image>"], "</s>", bos="<s>", adds_bos=True)
+        processor = T.LlavaProcessor(CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size=side), tok, patch_size=8,
+                                     vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                     chat_template=FAMILY_TEMPLATES[family])
+        config = T.LlavaConfig(vision_config=T.CLIPVisionConfig(**vision, projection_dim=32),
+                               text_config=T.LlamaConfig(**{**text, "vocab_size": len(tok)}, pad_token_id=0),
+                               image_token_id=tok.convert_tokens_to_ids("<image>"))
+    elif family == "idefics3":  # SmolVLM: SigLIP-like tower, pixel shuffle, Llama; the template writes the BOS
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+        tok = family_tokenizer(corpus, ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>",
+                                        "<fake_token_around_image>", "<global-img>"], "<end_of_utterance>", bos="<|im_start|>")
+        image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": side},
+                                                    max_image_size={"longest_edge": side})
+        processor = T.Idefics3Processor(image_processor, tok, image_seq_len=(side // 8) ** 2 // 4,
+                                        chat_template=FAMILY_TEMPLATES[family])
+        config = T.Idefics3Config(vision_config=vision, text_config=T.LlamaConfig(**{**text, "vocab_size": len(tok)}, pad_token_id=0),
+                                  image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    elif family == "qwen2_vl":  # Qwen2-VL: its own tower, M-RoPE, ChatML; EOS <|endoftext|> as in the base checkpoint
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        tok = family_tokenizer(corpus, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                                        "<|image_pad|>", "<|video_pad|>"], "<|endoftext|>")
+        image_processor = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                                   min_pixels=side ** 2, max_pixels=side ** 2)
+        ids = {key: tok.convert_tokens_to_ids(f"<|{name}|>") for key, name in [
+            ("image_token_id", "image_pad"), ("video_token_id", "video_pad"),
+            ("vision_start_token_id", "vision_start"), ("vision_end_token_id", "vision_end")]}
+        config = T.Qwen2VLConfig(vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8),
+                                 text_config=T.Qwen2VLTextConfig(**{**text, "vocab_size": len(tok)}, pad_token_id=0, bos_token_id=None, eos_token_id=0,
+                                                                 rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                                  "mrope_section": [2, 3, 3]}), **ids)
+        if HAS_TORCHVISION:
+            processor = T.Qwen2VLProcessor(image_processor, tok, T.Qwen2VLVideoProcessor(patch_size=8, merge_size=2),
+                                           chat_template=FAMILY_TEMPLATES[family])
+        else:  # transformers 5 cannot build Qwen2VLProcessor (its video half) without torchvision: save its parts
+            processor = None
+            tok.save_pretrained(path)
+            image_processor.save_pretrained(path)
+            with open(os.path.join(path, "processor_config.json"), "w") as f:
+                json.dump({"processor_class": "Qwen2VLProcessor"}, f)
+            with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+                f.write(FAMILY_TEMPLATES[family])
+    elif family == "paligemma":  # PaliGemma: SigLIP, Gemma, tied embeddings, no chat template (prefix + suffix)
+        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+        tok = family_tokenizer(corpus, ["<pad>", "<eos>", "<bos>", "<image>"], "<eos>", bos="<bos>")
+        image_processor = SiglipImageProcessorPil(size={"height": side, "width": side})
+        image_processor.image_seq_length = (side // 8) ** 2
+        processor = T.PaliGemmaProcessor(image_processor, tok)  # adds its 1152 <loc>/<seg> tokens to the vocabulary
+        config = T.PaliGemmaConfig(vision_config=dict(model_type="siglip_vision_model", **vision),
+                                   text_config=dict(model_type="gemma", **{**text, "vocab_size": len(tok)}, head_dim=16, pad_token_id=0),
+                                   image_token_index=tok.convert_tokens_to_ids("<image>"), vocab_size=len(tok),
+                                   projection_dim=64, hidden_size=64)
+    torch.manual_seed(0)
+    T.AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    if processor is not None:
+        processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def numberline_data(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("numberline") / "data.pt")
+    result = run_cli("collect", "--env", "numberline", "--policy", "mixed", "--episodes", "4", "--out", path, script="envs.py")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    corpus = afsft.tiny_corpus(envs.make_env("numberline"), None)
+    return {name: build_family(name, corpus, str(tmp_path_factory.mktemp(name))) for name in FAMILY_END}
+
+
+def stub_qwen2_vl_video_processor(monkeypatch, path):
+    """Without torchvision, transformers 5 cannot build Qwen2VLProcessor's video half. Stub out that half
+    (videos are never used) so that the rest of the Qwen2-VL path can run in-process."""
+    import transformers
+    from transformers import processing_utils
+
+    stub = type("VideoProcessorMixin", (), {})
+    monkeypatch.setattr(processing_utils.transformers_module, "VideoProcessorMixin", stub, raising=False)
+    processor = transformers.Qwen2VLProcessor(transformers.AutoImageProcessor.from_pretrained(path),
+                                              transformers.AutoTokenizer.from_pretrained(path), stub(),
+                                              chat_template=FAMILY_TEMPLATES["qwen2_vl"])
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *args, **kwargs: processor)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_END))
+def test_family_lora_heads_and_encoding(family, families, monkeypatch):
+    if family == "qwen2_vl" and not HAS_TORCHVISION:
+        stub_qwen2_vl_video_processor(monkeypatch, families[family])
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(0)
+    agent = afsft.load_agent(afsft.Args(finetune="lora", lora_rank=2, critic_rank=4), families[family])
+    # LoRA on every linear layer of the language model (2 layers x q k v o gate up down), nowhere else
+    decoder = agent.vlm.get_decoder()
+    adapted = [m for m in agent.vlm.modules() if isinstance(m, LoraLayer)]
+    assert len(adapted) == 14 and all(any(m is d for d in decoder.modules()) for m in adapted)
+    assert all("lora_" in n for n, p in agent.policy.named_parameters() if p.requires_grad)
+    # the critic head has the language head's shape (the vocabulary with the processor's added tokens) and starts at its logits
+    lm_head = agent.vlm.get_output_embeddings()
+    assert agent.critic.base.weight.shape == lm_head.weight.shape and lm_head.out_features >= len(agent.processor.tokenizer)
+    h = torch.randn(3, lm_head.in_features)
+    assert torch.allclose(agent.critic(h), lm_head(h), atol=1e-5)
+    # responses end in the family's end-of-turn token; each state position predicts the next response token
+    obs, _ = envs.make_env("numberline").reset(seed=0)
+    inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [obs["image"]] * 2, [obs["prompt"], "short"],
+                                                       ["[action] +", "[action] - please"])
+    tokenizer = agent.processor.tokenizer
+    ends = torch.cumsum(lengths, 0) - 1
+    assert tokenizer.convert_ids_to_tokens(tokens[ends].tolist()) == [FAMILY_END[family]] * 2
+    for b in range(2):
+        positions = state_mask[b].nonzero()[:, 0]
+        assert inputs["input_ids"][b, positions + 1].tolist() == tokens[ends[b] + 1 - lengths[b]:ends[b] + 1].tolist()
+        assert inputs["attention_mask"][b, :positions[-1] + 2].all() and not inputs["attention_mask"][b, positions[-1] + 2:].any()
+    if family == "paligemma":  # the prefix attends both ways, the response causally
+        assert (inputs["token_type_ids"][state_mask.roll(1, 1)] == 1).all()
+    assert agent.features(inputs, state_mask).shape == (int(lengths.sum()), lm_head.in_features)
+
+
+FAMILY_FLAGS = {"llava": ["--gradient-checkpointing"], "idefics3": ["--dtype", "bf16"], "qwen2_vl": [], "paligemma": []}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_END))
+def test_family_trains_through_the_cli(family, families, numberline_data, tmp_path):
+    if family == "qwen2_vl" and not HAS_TORCHVISION:
+        pytest.skip("transformers 5 builds Qwen2-VL's video processor on torchvision; "
+                    "test_qwen2_vl_without_torchvision covers the rest")
+    run = str(tmp_path / "run")
+    result = run_cli("--env", "numberline", "--model", families[family], "--offline", numberline_data, "--out", run,
+                     "--offline-steps", "3", "--online-steps", "1", "--eval-episodes", "2", *SMALL, *FAMILY_FLAGS[family])
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(run, "eval.json")) as f:
+        assert json.load(f)["episodes"] == 2
+    assert os.path.exists(os.path.join(run, "checkpoint", "policy", "adapter_config.json"))
+
+
+@pytest.mark.skipif(HAS_TORCHVISION, reason="with torchvision, test_family_trains_through_the_cli runs Qwen2-VL")
+def test_qwen2_vl_without_torchvision(families, numberline_data, tmp_path, monkeypatch):
+    flags = ["--env", "numberline", "--model", families["qwen2_vl"], "--offline", numberline_data, "--offline-steps", "3",
+             "--online-steps", "1", "--eval-episodes", "2", *SMALL]
+    result = run_cli(*flags, "--out", str(tmp_path / "cli"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "Qwen2VLVideoProcessor requires the Torchvision library" in result.stderr and "pip install torchvision" in result.stderr
+    stub_qwen2_vl_video_processor(monkeypatch, families["qwen2_vl"])
+    run = str(tmp_path / "stubbed")
+    assert afsft.train(afsft.parse_args([*flags, "--out", run]))["episodes"] == 2
+    assert os.path.exists(os.path.join(run, "checkpoint", "policy", "adapter_config.json"))
+
+
+def test_bf16_trunk_fp32_heads_and_gradient_checkpointing(families):
+    args = afsft.Args(finetune="lora", lora_rank=2, critic_rank=4, dtype="bf16", gradient_checkpointing=True)
+    agent = afsft.load_agent(args, families["llava"]).train()
+    assert agent.vlm.dtype == torch.bfloat16 and agent.critic.base.weight.dtype == torch.float32
+    calls = []  # checkpointing runs each decoder layer's forward (so its MLP) again during backward
+    agent.vlm.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    batch = afsft.Buffer([make_episode(4, True, image_side=32)]).sample(np.random.default_rng(0), 4, 2)
+    loss, _ = afsft.afsft_loss(agent, batch, args, use_filter=True, device="cpu")
+    assert loss.dtype == torch.float32 and len(calls) == 2  # the forward, and the bootstrap's no-grad forward
+    loss.backward()
+    assert len(calls) == 3 and all(p.grad is not None for p in agent.parameters() if p.requires_grad)
+
+
+def test_generation_reuses_the_kv_cache(tiny):
+    agent, _ = tiny
+    lengths = []  # tokens fed to the language model per forward: the prompt, then one new token at a time
+    hook = agent.vlm.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    obs, _ = envs.make_env("babyai").reset(seed=0)
+    try:
+        afsft.act(agent, [obs, obs], 0.0, 6, "cpu")
+    finally:
+        hook.remove()
+    assert lengths[0] > 10 and len(lengths) > 1 and set(lengths[1:]) == {1}
+
+
+def test_torchrun_ranks_end_with_the_same_weights(numberline_data, tmp_path):
+    run = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(HERE, "afsft.py"), "--env", "numberline", "--offline", numberline_data, "--out", run,
+                             "--offline-steps", "3", "--online-steps", "1", "--eval-episodes", "2", "--image-size", "32", *SMALL],
+                            capture_output=True, text=True, timeout=600, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = dict(re.findall(r"rank (\d+): trainable weights sha1 (\w+)", result.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    steps = [m["step"] for m in read_metrics(run)]  # written by rank 0 alone
+    assert steps == [2, 4, 5, 5] and json.load(open(os.path.join(run, "eval.json")))["episodes"] == 2
+    assert os.path.exists(os.path.join(run, "checkpoint", "state.pt"))

@@ -17,7 +17,6 @@ import copy
 import hashlib
 import json
 import os
-import random
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -26,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import envs
@@ -62,6 +60,8 @@ class Args:
     sft_warmup: float = flag(0.2, "fraction of the offline steps trained with the filter off")
     gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
     tau: float = flag(0.005, "EMA rate of the target critic head")
+    mc_mix: float = flag(0.0, "lambda: at a turn's end, mix the TD target with the episode's Monte-Carlo return "
+                         "(1-lambda) TD + lambda G_t; 0 is pure TD (truncated episodes always use TD)")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
     lr: float = flag(1e-3, "AdamW learning rate")
     weight_decay: float = flag(0.0, "AdamW weight decay")
@@ -101,7 +101,7 @@ def parse_args(argv=None) -> Args:
                             " (default: %(default)s)", choices=f.metadata.get("choices"), **extra)
     args = Args(**vars(parser.parse_args(argv)))
     problems = [name for name, ok in [
-        ("--gamma in [0, 1]", 0 <= args.gamma <= 1), ("--tau in (0, 1]", 0 < args.tau <= 1),
+        ("--gamma in [0, 1]", 0 <= args.gamma <= 1), ("--tau in (0, 1]", 0 < args.tau <= 1), ("--mc-mix in [0, 1]", 0 <= args.mc_mix <= 1),
         ("--sft-warmup in [0, 1]", 0 <= args.sft_warmup <= 1), ("--lr > 0", args.lr > 0),
         ("--batch-turns, --run-length, --num-envs, --max-new-tokens >= 1",
          min(args.batch_turns, args.run_length, args.num_envs, args.max_new_tokens) >= 1),
@@ -279,8 +279,8 @@ def encode(processor, images, prompts, responses=None, max_response_tokens=24):
 # Buffer: whole episodes in memory, sampled as runs of consecutive turns.
 # ---------------------------------------------------------------------------
 class Buffer:
-    def __init__(self, episodes=()):
-        self.episodes = list(episodes)
+    def __init__(self, episodes=(), gamma=0.9):
+        self.episodes, self.gamma = list(episodes), gamma
 
     def add(self, episode):
         self.episodes.append(episode)
@@ -309,6 +309,10 @@ class Buffer:
         batch["images"] = [eps[e]["images"][t].numpy() for e, t, _ in turns]
         batch["rewards"] = torch.stack([eps[e]["rewards"][t] for e, t, _ in turns])
         batch["done"] = torch.tensor([t == len(eps[e]["actions"]) - 1 and eps[e]["terminated"] for e, t, _ in turns])
+        # G_t = sum_k gamma^k r_{t+k}, the Monte-Carlo return of the episode's rest; known when it terminated
+        batch["returns"] = torch.stack([(eps[e]["rewards"][t:] * self.gamma ** torch.arange(len(eps[e]["rewards"]) - t)).sum()
+                                        for e, t, _ in turns])
+        batch["has_return"] = torch.tensor([eps[e]["terminated"] for e, _, _ in turns])
         # where turn i's successor value lives: the next turn in the batch, a bootstrap prompt, or nowhere
         batch["next_in_batch"] = torch.tensor([nxt for _, _, nxt in turns])
         batch["boot_of"] = torch.tensor([i for i, _, _ in successors], dtype=torch.long)
@@ -326,12 +330,13 @@ def state_values(logits, q):
     return (torch.softmax(logits.float(), -1) * q).sum(-1)
 
 
-def td_targets(v_bar, is_last, reward, gamma, not_done, v_bar_next_turn):
+def td_targets(v_bar, is_last, reward, gamma, not_done, v_bar_next_turn, mc_return=None, mc_weight=0.0):
     """(3) Expected-SARSA targets. Inside a turn: Vbar(s_{j+1}), discount 1. At the turn's last
-    token: r_t + gamma (1 - done_t) Vbar(s_{t+1,1}). `reward`, `not_done` and `v_bar_next_turn`
-    hold one value per turn, in turn order."""
+    token: r_t + gamma (1 - done_t) Vbar(s_{t+1,1}), optionally mixed with the Monte-Carlo return
+    G_t by `mc_weight` (--mc-mix). The per-turn tensors hold one value per turn, in turn order."""
     targets = v_bar.roll(-1)
-    targets[is_last] = reward + gamma * not_done * v_bar_next_turn
+    turn_end = reward + gamma * not_done * v_bar_next_turn
+    targets[is_last] = turn_end if mc_return is None else torch.lerp(turn_end, mc_return, mc_weight)
     return targets
 
 
@@ -376,7 +381,8 @@ def afsft_loss(agent, batch, args: Args, use_filter: bool, device):
         v_bar = state_values(logits.detach(), agent.target(h.detach().float()))      # Vbar, from the EMA head
         is_last, v_next, has_target = next_turn_values(agent, batch, v_bar, turn_lengths, device)
         not_done = (~batch["done"]).float().to(device)
-        targets = td_targets(v_bar, is_last, batch["rewards"].to(device), args.gamma, not_done, v_next)  # (3)
+        targets = td_targets(v_bar, is_last, batch["rewards"].to(device), args.gamma, not_done, v_next,  # (3)
+                             batch["returns"].to(device), args.mc_mix * batch["has_return"].float().to(device))
     weights = filter_weights(advantage, args.filter, args.beta, args.max_weight) if use_filter \
         else torch.ones_like(advantage)                                              # warm-up: f = 1
     actor, critic = actor_loss(logp_taken, weights, turn_lengths), critic_loss(q_taken, targets, has_target)
@@ -492,16 +498,15 @@ def replace(args: Args, **changes) -> Args:
 # ---------------------------------------------------------------------------
 # Checkpoints: written to a temporary folder, then renamed into place.
 # ---------------------------------------------------------------------------
-def save_checkpoint(run_dir, agent, optimizer, state, online_buffer=None):
-    final, tmp = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "checkpoint.tmp")
+def save_checkpoint(args, agent, optimizer, step, rng, online_episodes):
+    final, tmp = os.path.join(args.out, "checkpoint"), os.path.join(args.out, "checkpoint.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     agent.policy.save_pretrained(os.path.join(tmp, "policy"))
-    torch.save({"critic": agent.critic.state_dict(), "target": agent.target.state_dict(),
-                "optimizer": optimizer.state_dict(), **state,
-                "rng": {"torch": torch.get_rng_state(), "numpy": state["rng"].bit_generator.state}},
-               os.path.join(tmp, "state.pt"))
-    if online_buffer is not None:
-        torch.save({"format": envs.DATASET_FORMAT, "env": state["args"]["env"], "episodes": online_buffer},
+    torch.save({"critic": agent.critic.state_dict(), "target": agent.target.state_dict(), "args": asdict(args),
+                "optimizer": optimizer.state_dict(), "step": step,
+                "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}}, os.path.join(tmp, "state.pt"))
+    if args.save_buffer:
+        torch.save({"format": envs.DATASET_FORMAT, "env": args.env, "episodes": online_episodes},
                    os.path.join(tmp, "buffer.pt"))
     shutil.rmtree(final + ".old", ignore_errors=True)
     if os.path.exists(final):
@@ -575,7 +580,7 @@ def train(args: Args):
         print(f"model {args.model}: {sum(p.numel() for p in agent.policy.parameters()):,} parameters, "
               f"{sum(p.numel() for p in params):,} trainable ({args.finetune}, critic head {args.critic_head})")
 
-    buffer = Buffer(dataset["episodes"][rank::world] if dataset else [])  # each rank trains on its shard
+    buffer = Buffer(dataset["episodes"][rank::world] if dataset else [], args.gamma)  # each rank trains on its shard
     online_episodes, step, state = [], 0, {}
     if resumed:
         agent.critic.load_state_dict(resumed["critic"])
@@ -622,7 +627,7 @@ def train(args: Args):
             log.write(json.dumps(stats) + "\n")
             log.flush()
         if master and step % args.save_every == 0:
-            checkpoint(args, agent, optimizer, step, rng, online_episodes)
+            save_checkpoint(args, agent, optimizer, step, rng, online_episodes)
         return stats
 
     if step < args.offline_steps and not buffer.episodes:
@@ -645,7 +650,7 @@ def train(args: Args):
     except (KeyboardInterrupt, envs.BrowserDied) as err:  # stop cleanly, keeping what was learned
         bar.close()
         if master:
-            checkpoint(args, agent, optimizer, step, rng, online_episodes)
+            save_checkpoint(args, agent, optimizer, step, rng, online_episodes)
         fail(f"{str(err) or 'interrupted'}; checkpoint saved at step {step}, continue with --resume {args.out}")
     bar.close()
     for env in (probe, rollout):
@@ -657,7 +662,7 @@ def train(args: Args):
         dist.destroy_process_group()
     if not master:
         return {}
-    checkpoint(args, agent, optimizer, step, rng, online_episodes)
+    save_checkpoint(args, agent, optimizer, step, rng, online_episodes)
     result = evaluate(agent, args, args.eval_episodes, device) if args.eval_episodes else {}
     if result:
         log.write(json.dumps({"step": step, "phase": "eval", **result}) + "\n")
@@ -666,11 +671,6 @@ def train(args: Args):
         print(json.dumps(result))
     log.close()
     return result
-
-
-def checkpoint(args, agent, optimizer, step, rng, online_episodes):
-    state = {"args": asdict(args), "step": step, "rng": rng}
-    save_checkpoint(args.out, agent, optimizer, state, online_episodes if args.save_buffer else None)
 
 
 def tiny_corpus(env, dataset):
@@ -694,10 +694,9 @@ def load_resume_state(args: Args):
     saved = state["args"]
     if saved["env"] != args.env or saved["model"] != args.model:
         fail(f"--resume {args.resume}: that run used --env {saved['env']} --model {saved['model']}")
-    args.finetune, args.critic_head, args.critic_rank, args.out = saved["finetune"], saved["critic_head"], \
-        saved["critic_rank"], args.resume
-    if args.model == "tiny":
-        args.image_size = saved["image_size"]
+    for key in ("finetune", "critic_head", "critic_rank", "critic_init") + (("image_size",) if args.model == "tiny" else ()):
+        setattr(args, key, saved[key])  # the saved weights' shapes; the other flags may change on resume
+    args.out = args.resume
     if args.save_buffer and os.path.exists(os.path.join(args.resume, "checkpoint", "buffer.pt")):
         state["online_episodes"] = envs.load_dataset(os.path.join(args.resume, "checkpoint", "buffer.pt"))["episodes"]
     return state

@@ -43,6 +43,15 @@ def test_td_target_inside_a_turn_and_at_the_boundary():
     assert targets.tolist() == pytest.approx([2.0, 3.0, 0.5 + 0.9 * 4.0, 5.0, 1.0 + 0.9 * 10.0])
 
 
+def test_td_target_mixes_in_the_monte_carlo_return_at_turn_ends_only():
+    v_bar = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    is_last = torch.tensor([False, False, True, False, True])
+    reward, not_done, v_next = torch.tensor([0.5, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([4.0, 10.0])
+    returns, weight = torch.tensor([2.0, 3.0]), torch.tensor([0.25, 0.0])  # the second episode was truncated
+    targets = afsft.td_targets(v_bar, is_last, reward, 0.9, not_done, v_next, returns, weight)
+    assert targets.tolist() == pytest.approx([2.0, 3.0, 0.75 * (0.5 + 0.9 * 4.0) + 0.25 * 2.0, 5.0, 1.0 + 0.9 * 10.0])
+
+
 def test_td_target_done_does_not_bootstrap_but_truncated_does():
     v_bar, is_last = torch.tensor([7.0]), torch.tensor([True])
     done = afsft.td_targets(v_bar, is_last, torch.tensor([1.0]), 0.9, torch.tensor([0.0]), torch.tensor([3.0]))
@@ -138,6 +147,9 @@ def test_buffer_samples_runs_of_consecutive_turns():
         assert int(prompt[1:]) == turns[row] + 1 and not batch["next_in_batch"][row]
     for i, t in enumerate(turns):  # done only on the last turn of the terminated episode
         assert batch["done"][i] == (t == 9 and batch["rewards"][i] == 9)
+        if batch["has_return"][i]:  # rewards are 0..9: G_t = sum_k 0.9^k (t + k)
+            assert batch["returns"][i].item() == pytest.approx(sum(0.9 ** k * (t + k) for k in range(10 - t)))
+    assert batch["has_return"].any() and not batch["has_return"].all()
 
 
 def test_afsft_loss_trains_critic_and_trunk_and_sft_skips_the_critic(tiny):

@@ -1,7 +1,7 @@
 """results.py: the results table of issue #4 in one command: collect, train, evaluate, aggregate.
 
-    python experiments/results.py --jobs 2                # the full table (days of CPU, see below)
-    python experiments/results.py --quick --jobs 2        # a smoke-sized table in <= 30 minutes on 2 cores
+    python experiments/results.py                         # the full table (80 CPU hours, see below)
+    python experiments/results.py --quick                 # a smoke-sized table in <= 30 minutes on 2 cores
     python experiments/results.py --domains numberline --datasets random --methods sft,afsft --seeds 1 \\
         --offline-steps 20 --episodes 30                  # one cell, to check the pipeline end to end
 
@@ -21,15 +21,20 @@ Domains: numberline, ezpoints, blackjack (gym_cards, with `--text-view`), gotore
 with `--text-view`), click-button, click-dialog (MiniWoB++, which needs chromium); groups: cards, babyai,
 miniwob, all. Datasets: random, mixed-0.1, mixed-0.3 (`--policy mixed --expert-fraction F`); `mixed` is both.
 
-Cost, estimated from measured speeds on these 2-core machines with one thread per process (tiny model,
-text-view prompts): about 1 training step per CPU second at --batch-turns 32 (experiments/benchmark.py
-measures 0.9 s), and about 0.3 s per batched turn of 8 envs in rollouts and evaluations, where a
-failing episode lasts up to 64 turns (BabyAI) or 10 (NumberLine). One (domain, dataset, seed) costs
-about 1,300 CPU s for each offline run (1,000 steps and 6 evaluations) and 800 for the online
-continuation (50 rounds of 16 turns and 8 steps): about 3,400 s. The full table, 7 x 3 x 3 of those,
-is about 60 CPU hours, 30 hours with --jobs 2 on 2 cores. --quick keeps one seed and one dataset
-(mixed-0.3), 150 offline steps, 5 online rounds, 100 episodes and 20 evaluation episodes: about 500 CPU
-s per domain, 7 x 500 / 2 = 30 minutes with --jobs 2. It shows that everything runs, not which method wins.
+Cost, estimated from speeds measured on these 2-core machines, one thread per process, tiny model:
+- a training step at --batch-turns 32 takes 0.6-0.8 CPU s on the cards, 0.9-1.1 on BabyAI, 2.3 on
+  click-button and 5.1 on click-dialog (its prompts list the page: 730 tokens), AFSFT 1-10% more;
+- rollouts and evaluations run at about 27 env steps per CPU s with 8 envs (24-token responses),
+  and a failing episode lasts up to 10 turns (NumberLine), 64 (BabyAI) or 5 (MiniWoB).
+The full table (1,000 offline steps, 50 online rounds of 16 turns and 8 steps, 300 episodes, 50
+evaluation episodes plus 5 of 25 on the way) costs per seed and dataset about 2,000 CPU s for each
+cards domain, 3,000 for each BabyAI level, 6,300 for click-button and 13,000 for click-dialog: 31,500 s.
+Times 3 datasets and 3 seeds, that is about 80 CPU hours, 40 hours with --jobs 2 on 2 cores.
+--quick keeps one seed and one dataset (mixed-0.3), with 80 offline steps, 3 online rounds, 60
+episodes and 20 evaluation episodes: about 220 CPU s per cards domain, 370 per BabyAI level, 600 for
+click-button and 1,100 for click-dialog, 3,100 s in all, so about 27 minutes with --jobs 2 on 2 cores
+(checked: a GoToRedBall chain of 150 steps, 5 rounds and 100 episodes took 465 CPU s; this model says 500).
+Such short runs show that everything runs end to end, not which method wins.
 """
 import argparse
 import json
@@ -106,6 +111,12 @@ def run(cmd, log_path):
     return proc.returncode, time.perf_counter() - start, cpu
 
 
+def show(path):
+    """A path relative to the repository when it lies inside it."""
+    inside = os.path.commonpath([os.path.abspath(path), REPO]) == REPO
+    return os.path.relpath(path, REPO) if inside else path
+
+
 def say(text):
     with lock:
         print(text, flush=True)
@@ -121,7 +132,7 @@ def collect(domain, dataset_args, episodes, seed, out):
     code, wall, _ = run(cmd, out[:-3] + ".log")
     if code == 0:
         os.replace(out + ".tmp", out)
-    say(f"collect {os.path.relpath(out, HERE)}: " + (f"{wall:.0f} s" if code == 0 else f"FAILED, see {out[:-3]}.log"))
+    say(f"collect {show(out)}: " + (f"{wall:.0f} s" if code == 0 else f"FAILED, see {out[:-3]}.log"))
     return code == 0
 
 
@@ -171,8 +182,10 @@ def chain(domain, dataset, seed, opt):
         online = os.path.join(where, run_name("afsft-online", opt))
         if done and "afsft-online" in opt.methods:
             if not os.path.exists(online):
+                shutil.rmtree(online + ".tmp", ignore_errors=True)
                 shutil.copytree(os.path.join(where, "afsft"), online + ".tmp")
-                os.remove(os.path.join(online + ".tmp", "eval.json"))
+                for name in ("eval.json", "cost.json"):  # the copy is not finished, and its cost is afsft's
+                    os.remove(os.path.join(online + ".tmp", name))
                 os.replace(online + ".tmp", online)
             train(online, domain, data, seed, opt, ["--online-steps", str(opt.online_steps)])
 
@@ -201,9 +214,9 @@ def mean_std(values):
 
 def table(opt):
     lines = [f"# Results: {' vs '.join(METHODS[m] for m in opt.methods)}", "",
-             f"Made by `python experiments/results.py {' '.join(sys.argv[1:])}` into `{os.path.relpath(opt.root, REPO)}`.",
+             f"Made by `python experiments/results.py {' '.join(sys.argv[1:])}` into `{show(opt.root)}`.",
              f"Tiny default model, {opt.episodes} dataset episodes, {opt.offline_steps} offline steps"
-             + (f", then {opt.online_steps} online rounds" if "afsft-online" in opt.methods else "")
+             + (f", then online rounds: {opt.online_steps}" if "afsft-online" in opt.methods else "")
              + f" (afsft.py's defaults otherwise), greedy evaluation on "
              f"{opt.eval_episodes} held-out episodes; mean ± std over the seeds listed (each seed its own dataset).",
              "Success: the episode's return is > 0. Valid: the share of turns whose text was a valid action.", ""]
@@ -253,19 +266,19 @@ def main():
     p.add_argument("--datasets", default=None, help="random, mixed-0.1, mixed-0.3, mixed (default: all; --quick: mixed-0.3)")
     p.add_argument("--methods", default="sft,afsft,afsft-online", help="sft, afsft, afsft-online (default: all three)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: 3; --quick: 1)")
-    p.add_argument("--episodes", type=int, default=None, help="episodes per dataset (default: 300; --quick: 100)")
-    p.add_argument("--offline-steps", type=int, default=None, help="afsft.py --offline-steps (default: 1000; --quick: 150)")
-    p.add_argument("--online-steps", type=int, default=None, help="afsft.py --online-steps, rounds (default: 50; --quick: 5)")
+    p.add_argument("--episodes", type=int, default=None, help="episodes per dataset (default: 300; --quick: 60)")
+    p.add_argument("--offline-steps", type=int, default=None, help="afsft.py --offline-steps (default: 1000; --quick: 80)")
+    p.add_argument("--online-steps", type=int, default=None, help="afsft.py --online-steps, rounds (default: 50; --quick: 3)")
     p.add_argument("--eval-episodes", type=int, default=None, help="final evaluation episodes (default: 50; --quick: 20)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between learning-curve points (default: offline steps / 5)")
-    p.add_argument("--jobs", type=int, default=1, help="subprocess chains run in parallel (default: 1)")
-    p.add_argument("--quick", action="store_true", help="one seed, one dataset, fewer steps and episodes (<= 30 min, --jobs 2)")
+    p.add_argument("--jobs", type=int, default=2, help="subprocess chains run in parallel (default: 2, for 2 cores)")
+    p.add_argument("--quick", action="store_true", help="one seed, one dataset, fewer steps and episodes (<= 30 min on 2 cores)")
     p.add_argument("--out", default=os.path.join(HERE, "runs"), help="runs go in OUT/<settings>/ (default: experiments/runs)")
     p.add_argument("--table", default=os.path.join(HERE, "results.md"), help="markdown table (default: experiments/results.md)")
     opt = p.parse_args()
     defaults = {"datasets": "mixed-0.3" if opt.quick else "random,mixed", "seeds": 1 if opt.quick else 3,
-                "episodes": 100 if opt.quick else 300, "offline_steps": 150 if opt.quick else 1000,
-                "online_steps": 5 if opt.quick else 50, "eval_episodes": 20 if opt.quick else 50}
+                "episodes": 60 if opt.quick else 300, "offline_steps": 80 if opt.quick else 1000,
+                "online_steps": 3 if opt.quick else 50, "eval_episodes": 20 if opt.quick else 50}
     for key, value in defaults.items():
         if getattr(opt, key) is None:
             setattr(opt, key, value)
@@ -287,7 +300,8 @@ def main():
             os.makedirs(os.path.join(opt.root, d), exist_ok=True)
             tasks.append(pool.submit(collect, d, ["--policy", "expert"], EXPERT_EPISODES, 0,
                                      os.path.join(opt.root, d, "expert.pt")))
-        tasks += [pool.submit(chain, d, ds, s, opt) for s in range(opt.seeds) for d in opt.domains for ds in opt.datasets]
+        slow_first = sorted(opt.domains, key=lambda d: d.startswith("click"), reverse=True)  # MiniWoB: long prompts
+        tasks += [pool.submit(chain, d, ds, s, opt) for s in range(opt.seeds) for d in slow_first for ds in opt.datasets]
         for task in tasks:
             task.result()  # re-raises a crash of this script (a failed subprocess is only reported)
     markdown = table(opt)
@@ -296,7 +310,7 @@ def main():
     print("\n" + markdown)
     cpu, wall = total_cost(opt.root)
     print(f"wrote {opt.table}\nthis invocation: {time.perf_counter() - start:.0f} s wall, {cpu_used[0]:.0f} s CPU "
-          f"in its subprocesses; the finished training runs under {os.path.relpath(opt.root, REPO)}, "
+          f"in its subprocesses; the finished training runs under {show(opt.root)}, "
           f"this time or before: {cpu:.0f} s CPU, {wall:.0f} s wall")
 
 

@@ -84,7 +84,10 @@ def main():
     os.makedirs(opt.out, exist_ok=True)
     for root in roots:
         settings = os.path.basename(os.path.normpath(root))
-        for domain, datasets in sorted(load_runs(root).items()):
+        runs = load_runs(root)
+        if not runs:
+            print(f"no metrics.jsonl with success rates under {root}")
+        for domain, datasets in sorted(runs.items()):
             path = os.path.join(opt.out, f"{domain}.png" if len(roots) == 1 else f"{settings}-{domain}.png")
             plot_domain(domain, datasets, path, f"{domain} ({settings})")
             print(f"wrote {path}")

@@ -97,8 +97,7 @@ def load_batch(path):
 
 
 def method_args(method, device, **changes):
-    """afsft's defaults, with the filter off for SFT. The tiny models have random weights, so (as
-    `--finetune auto` does for them) every weight trains."""
+    """afsft's defaults, with the filter off for SFT."""
     return afsft.Args(filter="none" if method == "sft" else "binary", device=str(device), **changes)
 
 
@@ -256,12 +255,14 @@ def scaling(path, buffer, device, opt):
         print(f"| {label} | {len(batch['boot_prompts'])} | {s['sft'][0]:.3f} | {s['afsft'][0]:.3f} | "
               f"{s['afsft'][0] / s['sft'][0]:.3f} |")
 
+    def tokens(batch, n):  # mean tokens per response, as encode cuts them
+        return afsft.encode(agent.processor, batch["images"], batch["prompts"], batch["actions"], n)[3].float().mean()
+
     batch = buffer.sample(np.random.default_rng(0), afsft.Args.batch_turns, afsft.Args.run_length)
-    tokens = afsft.encode(agent.processor, batch["images"], batch["prompts"], batch["actions"])[3]
     print("| tokens per response (32 turns) | bootstrap prompts | SFT s | AFSFT s | ratio |\n|---|---|---|---|---|")
-    row(f"{tokens.float().mean():.1f} (the dataset's own)", batch)
+    row(f"{tokens(batch, afsft.Args.max_new_tokens):.1f} (the dataset's own)", batch)
     for n in opt.lengths:
-        row(str(n), lengthen(batch, n), max_new_tokens=n)
+        row(f"{tokens(lengthen(batch, n), n):.1f}", lengthen(batch, n), max_new_tokens=n)
     print("| --batch-turns (dataset's responses) | bootstrap prompts | SFT s | AFSFT s | ratio |\n|---|---|---|---|---|")
     for b in opt.batches:
         row(str(b), buffer.sample(np.random.default_rng(0), b, afsft.Args.run_length))

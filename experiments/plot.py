@@ -1,0 +1,99 @@
+"""plot.py: learning curves from the runs of experiments/results.py, one PNG per domain.
+
+    python experiments/plot.py                                   # every settings folder under experiments/runs
+    python experiments/plot.py experiments/runs/ep300-off1000-on50-eval50x200 --out experiments/plots
+
+Each figure has one panel per dataset: greedy success rate against gradient steps, one line per method,
+the mean over seeds with a band of +- one standard deviation. An afsft-online line starts where its
+afsft run ended. The points are the `metrics.jsonl` lines
+that carry `success_rate`: afsft.py's `--eval-every` evaluations and its final one. matplotlib is an
+optional extra, needed only here (pip install matplotlib).
+"""
+import argparse
+import glob
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COLORS = {"sft": "tab:gray", "afsft": "tab:blue", "afsft-online": "tab:orange"}
+
+
+def curve(metrics_path, online_only=False):
+    """{step: success rate}; at a step evaluated twice the later line (the final, larger evaluation) wins.
+    `online_only` drops the offline part, which an afsft-online run copied from its afsft run."""
+    points = {}
+    with open(metrics_path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                if "success_rate" in row and not (online_only and row["phase"] == "offline"):
+                    points[row["step"]] = row["success_rate"]
+    return points
+
+
+def load_runs(root):
+    """{domain: {dataset: {method: [curve per seed]}}} from root/<domain>/<dataset>/seed*/<method>/metrics.jsonl."""
+    runs = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for path in sorted(glob.glob(os.path.join(root, "*", "*", "seed*", "*", "metrics.jsonl"))):
+        method_dir = os.path.dirname(path)
+        seed_dir = os.path.dirname(method_dir)
+        dataset_dir = os.path.dirname(seed_dir)
+        points = curve(path, online_only=os.path.basename(method_dir).startswith("afsft-online"))
+        if points:
+            runs[os.path.basename(os.path.dirname(dataset_dir))][os.path.basename(dataset_dir)][
+                os.path.basename(method_dir)].append(points)
+    return runs
+
+
+def plot_domain(domain, datasets, out_path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), sharey=True, squeeze=False)
+    for ax, (dataset, methods) in zip(axes[0], sorted(datasets.items())):
+        for method, curves in sorted(methods.items()):
+            color = COLORS.get(method.rstrip("0123456789"))  # afsft-online<K>
+            steps = sorted({s for c in curves for s in c})
+            values = [[c[s] for c in curves if s in c] for s in steps]  # seeds that reached this step
+            mean, std = np.array([np.mean(v) for v in values]), np.array([np.std(v) for v in values])
+            ax.plot(steps, mean, marker="o", ms=3, color=color, label=f"{method} ({len(curves)} seeds)")
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        ax.set_title(dataset)
+        ax.set_xlabel("gradient steps")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("greedy success rate")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("roots", nargs="*", help="settings folders made by results.py (default: all under experiments/runs)")
+    p.add_argument("--out", default=os.path.join(HERE, "plots"), help="folder for the PNGs (default: experiments/plots)")
+    opt = p.parse_args()
+    roots = opt.roots or sorted(glob.glob(os.path.join(HERE, "runs", "*")))
+    os.makedirs(opt.out, exist_ok=True)
+    for root in roots:
+        settings = os.path.basename(os.path.normpath(root))
+        runs = load_runs(root)
+        if not runs:
+            print(f"no metrics.jsonl with success rates under {root}")
+        for domain, datasets in sorted(runs.items()):
+            path = os.path.join(opt.out, f"{domain}.png" if len(roots) == 1 else f"{settings}-{domain}.png")
+            plot_domain(domain, datasets, path, f"{domain} ({settings})")
+            print(f"wrote {path}")
+    if not roots:
+        print("no runs found: run experiments/results.py first")
+
+
+if __name__ == "__main__":
+    main()

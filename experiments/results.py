@@ -1,0 +1,318 @@
+"""results.py: the results table of issue #4 in one command: collect, train, evaluate, aggregate.
+
+    python experiments/results.py                         # the full table (80 CPU hours, see below)
+    python experiments/results.py --quick                 # a smoke-sized table in <= 30 minutes on 2 cores
+    python experiments/results.py --domains numberline --datasets random --methods sft,afsft --seeds 1 \\
+        --offline-steps 20 --episodes 30                  # one cell, to check the pipeline end to end
+
+For each domain, dataset and seed S it collects the dataset with seed S (`envs.py collect`), then trains,
+each run with seed S, as a subprocess of `afsft.py`:
+- `sft`:          offline SFT, `--filter none`;
+- `afsft`:        offline AFSFT, afsft.py's defaults;
+- `afsft-online`: the `afsft` run continued online, `--resume` on a copy of it with `--online-steps K`
+                  (folder `afsft-online<K>`, so that another K reuses the offline runs).
+Every run logs the success rate every few steps (`--eval-every`, for experiments/plot.py) and ends with
+afsft.py's greedy evaluation (`eval.json`). It also collects a small expert dataset per domain, for the
+expert's success rate. Everything goes under `experiments/runs/<settings>/`; a run whose `eval.json`
+exists is skipped and a run killed halfway resumes from its checkpoint, so the command can be rerun
+until it has finished. The table, mean +- std over seeds, goes to `experiments/results.md`.
+
+Domains: numberline, ezpoints, blackjack (gym_cards, with `--text-view`), gotoredball, gotolocal (BabyAI,
+with `--text-view`), click-button, click-dialog (MiniWoB++, which needs chromium); groups: cards, babyai,
+miniwob, all. Datasets: random, mixed-0.1, mixed-0.3 (`--policy mixed --expert-fraction F`); `mixed` is both.
+
+Cost, estimated from speeds measured on these 2-core machines, one thread per process, tiny model:
+- a training step at --batch-turns 32 takes 0.6-0.8 CPU s on the cards, 0.9-1.1 on BabyAI, 2.3 on
+  click-button and 5.1 on click-dialog (its prompts list the page: 730 tokens), AFSFT 1-10% more;
+- rollouts and evaluations run at about 27 env steps per CPU s with 8 envs (24-token responses),
+  and a failing episode lasts up to 10 turns (NumberLine), 64 (BabyAI) or 5 (MiniWoB).
+The full table (1,000 offline steps, 50 online rounds of 16 turns and 8 steps, 300 episodes, 50
+evaluation episodes plus 5 of 25 on the way) costs per seed and dataset about 2,000 CPU s for each
+cards domain, 3,000 for each BabyAI level, 6,300 for click-button and 13,000 for click-dialog: 31,500 s.
+Times 3 datasets and 3 seeds, that is about 80 CPU hours, 40 hours with --jobs 2 on 2 cores.
+--quick keeps one seed and one dataset (mixed-0.3), with 80 offline steps, 3 online rounds, 60
+episodes and 20 evaluation episodes: about 220 CPU s per cards domain, 370 per BabyAI level, 600 for
+click-button and 1,100 for click-dialog, 3,100 s in all, so about 27 minutes with --jobs 2 on 2 cores
+(checked: a GoToRedBall chain of 150 steps, 5 rounds and 100 episodes took 465 CPU s; this model says 500).
+Such short runs show that everything runs end to end, not which method wins.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+import envs  # noqa: E402
+
+# name: (title, --env, --text-view)
+DOMAINS = {
+    "numberline": ("NumberLine", "numberline", True),
+    "ezpoints": ("EZPoints", "ezpoints", True),
+    "blackjack": ("Blackjack", "blackjack", True),
+    "gotoredball": ("BabyAI GoToRedBall", "BabyAI-GoToRedBall-v0", True),
+    "gotolocal": ("BabyAI GoToLocal", "BabyAI-GoToLocal-v0", True),
+    "click-button": ("MiniWoB click-button", "miniwob/click-button-v1", False),
+    "click-dialog": ("MiniWoB click-dialog", "miniwob/click-dialog-v1", False),
+}
+GROUPS = {"cards": ["numberline", "ezpoints", "blackjack"], "babyai": ["gotoredball", "gotolocal"],
+          "miniwob": ["click-button", "click-dialog"], "all": list(DOMAINS)}
+DATASETS = {"random": ["--policy", "random"],
+            "mixed-0.1": ["--policy", "mixed", "--expert-fraction", "0.1"],
+            "mixed-0.3": ["--policy", "mixed", "--expert-fraction", "0.3"]}
+METHODS = {"sft": "SFT (offline)", "afsft": "AFSFT (offline)", "afsft-online": "AFSFT offline -> online"}
+# Success rates (%) reported by RL4VLM (Zhai et al., 2024, "Fine-Tuning Large Vision-Language Models as
+# Decision-Making Agents via Reinforcement Learning", Table 2) for their RL on a 7B LLaVA: not run here.
+RL4VLM = {"numberline": 89.4, "ezpoints": 50.0, "blackjack": 40.2}
+EXPERT_EPISODES = 100
+
+
+def names(text, table, groups=None):
+    chosen = []
+    for name in text.split(","):
+        expanded = (groups or {}).get(name, [name])
+        if any(n not in table for n in expanded):
+            sys.exit(f"results.py: error: unknown name {name!r}; choose from {sorted(table) + sorted(groups or {})}")
+        chosen += [n for n in expanded if n not in chosen]
+    return chosen
+
+
+# ---------------------------------------------------------------------------
+# Running subprocesses: one log per step, CPU time from os.wait4
+# ---------------------------------------------------------------------------
+lock = threading.Lock()
+cpu_used = [0.0]  # CPU seconds of every subprocess this invocation started
+
+
+def run(cmd, log_path):
+    """Run `cmd` from the repository root, output to `log_path`. Returns (exit code, wall s, CPU s); the
+    CPU time counts the subprocess and the descendants it waited for (not browsers left running)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
+    with lock:
+        cpu_used[0] += cpu
+    return proc.returncode, time.perf_counter() - start, cpu
+
+
+def show(path):
+    """A path relative to the repository when it lies inside it."""
+    inside = os.path.commonpath([os.path.abspath(path), REPO]) == REPO
+    return os.path.relpath(path, REPO) if inside else path
+
+
+def say(text):
+    with lock:
+        print(text, flush=True)
+
+
+def collect(domain, dataset_args, episodes, seed, out):
+    """`envs.py collect` unless `out` exists. Returns True when the file is there."""
+    if os.path.exists(out):
+        return True
+    _, env, text_view = DOMAINS[domain]
+    cmd = [sys.executable, "envs.py", "collect", "--env", env, *dataset_args, "--episodes", str(episodes),
+           "--seed", str(seed), "--out", out + ".tmp"] + (["--text-view"] if text_view else [])
+    code, wall, _ = run(cmd, out[:-3] + ".log")
+    if code == 0:
+        os.replace(out + ".tmp", out)
+    say(f"collect {show(out)}: " + (f"{wall:.0f} s" if code == 0 else f"FAILED, see {out[:-3]}.log"))
+    return code == 0
+
+
+def train(run_dir, domain, data, seed, opt, extra=()):
+    """One `afsft.py` run unless its eval.json exists; resumes from its checkpoint if it has one."""
+    if os.path.exists(os.path.join(run_dir, "eval.json")):
+        return True
+    _, env, text_view = DOMAINS[domain]
+    cmd = [sys.executable, "afsft.py", "--env", env, "--offline", data, "--seed", str(seed),
+           "--offline-steps", str(opt.offline_steps), "--eval-episodes", str(opt.eval_episodes),
+           "--eval-every", str(opt.eval_every), "--log-every", str(opt.log_every), *extra]
+    cmd += ["--text-view"] if text_view else []
+    if os.path.exists(os.path.join(run_dir, "checkpoint", "state.pt")):
+        cmd += ["--resume", run_dir]
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a start that never reached a checkpoint
+        os.makedirs(run_dir)
+        cmd += ["--out", run_dir]
+    code, wall, cpu = run(cmd, os.path.join(run_dir, "log.txt"))
+    name = os.path.relpath(run_dir, opt.root)
+    if code:
+        say(f"train {name}: FAILED (exit {code}), see {run_dir}/log.txt")
+        return False
+    with open(os.path.join(run_dir, "cost.json"), "w") as f:
+        json.dump({"wall_s": wall, "cpu_s": cpu}, f)
+    result = read_json(os.path.join(run_dir, "eval.json"))
+    say(f"train {name}: success {result['success_rate']:.2f}, valid {result['valid_action_rate']:.2f} "
+        f"({wall:.0f} s wall, {cpu:.0f} s CPU)")
+    return True
+
+
+def run_name(method, opt):
+    return f"afsft-online{opt.online_steps}" if method == "afsft-online" else method
+
+
+def chain(domain, dataset, seed, opt):
+    """Collect one dataset, then its runs; afsft-online starts from a copy of the finished afsft run."""
+    where = os.path.join(opt.root, domain, dataset, f"seed{seed}")
+    os.makedirs(where, exist_ok=True)
+    data = os.path.join(where, "data.pt")
+    if not collect(domain, DATASETS[dataset], opt.episodes, seed, data):
+        return
+    if "sft" in opt.methods:
+        train(os.path.join(where, "sft"), domain, data, seed, opt, ["--filter", "none"])
+    if {"afsft", "afsft-online"} & set(opt.methods):
+        done = train(os.path.join(where, "afsft"), domain, data, seed, opt)
+        online = os.path.join(where, run_name("afsft-online", opt))
+        if done and "afsft-online" in opt.methods:
+            if not os.path.exists(online):
+                shutil.rmtree(online + ".tmp", ignore_errors=True)
+                shutil.copytree(os.path.join(where, "afsft"), online + ".tmp")
+                for name in ("eval.json", "cost.json"):  # the copy is not finished, and its cost is afsft's
+                    os.remove(os.path.join(online + ".tmp", name))
+                os.replace(online + ".tmp", online)
+            train(online, domain, data, seed, opt, ["--online-steps", str(opt.online_steps)])
+
+
+# ---------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def dataset_rates(path):
+    """Success (return > 0, the envs' `success()`, RL4VLM's definition) and valid-action rate of a dataset."""
+    episodes = envs.load_dataset(path)["episodes"]
+    success = np.mean([float(ep["rewards"].sum()) > 0 for ep in episodes])
+    return float(success), float(torch.cat([ep["valid"] for ep in episodes]).float().mean())
+
+
+def mean_std(values):
+    if not values:
+        return "-"
+    std = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.2f}{std}"
+
+
+def table(opt):
+    lines = [f"# Results: {' vs '.join(METHODS[m] for m in opt.methods)}", "",
+             f"Made by `python experiments/results.py {' '.join(sys.argv[1:])}` into `{show(opt.root)}`.",
+             f"Tiny default model, {opt.episodes} dataset episodes, {opt.offline_steps} offline steps"
+             + (f", then online rounds: {opt.online_steps}" if "afsft-online" in opt.methods else "")
+             + f" (afsft.py's defaults otherwise), greedy evaluation on "
+             f"{opt.eval_episodes} held-out episodes; mean ± std over the seeds listed (each seed its own dataset).",
+             "Success: the episode's return is > 0. Valid: the share of turns whose text was a valid action.", ""]
+    for domain in opt.domains:
+        title, env, text_view = DOMAINS[domain]
+        lines += [f"## {title} (`--env {env}{' --text-view' if text_view else ''}`)", ""]
+        expert = os.path.join(opt.root, domain, "expert.pt")
+        if os.path.exists(expert):
+            lines.append(f"Scripted expert: success {dataset_rates(expert)[0]:.2f} over {EXPERT_EPISODES} episodes.")
+        if domain in RL4VLM:
+            lines.append(f"RL4VLM reports {RL4VLM[domain]:.1f}% success for their RL on a 7B LLaVA "
+                         "(their numbers, their Table 2; not run here).")
+        lines += ["", "| dataset | policy | success | valid actions | seeds |", "|---|---|---|---|---|"]
+        for dataset in opt.datasets:
+            rows = {"data": ([], []), **{m: ([], []) for m in opt.methods}}
+            for seed in range(opt.seeds):
+                where = os.path.join(opt.root, domain, dataset, f"seed{seed}")
+                if os.path.exists(os.path.join(where, "data.pt")):
+                    for values, x in zip(rows["data"], dataset_rates(os.path.join(where, "data.pt"))):
+                        values.append(x)
+                for method in opt.methods:
+                    path = os.path.join(where, run_name(method, opt), "eval.json")
+                    if os.path.exists(path):
+                        result = read_json(path)
+                        rows[method][0].append(result["success_rate"])
+                        rows[method][1].append(result["valid_action_rate"])
+            for key, (success, valid) in rows.items():
+                label = "the dataset itself" if key == "data" else METHODS[key]
+                lines.append(f"| {dataset} | {label} | {mean_std(success)} | {mean_std(valid)} | {len(success)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def total_cost(root):
+    """CPU and wall seconds recorded by every finished run under `root` (this invocation or earlier ones)."""
+    cpu = wall = 0.0
+    for folder, _, files in os.walk(root):
+        if "cost.json" in files:
+            cost = read_json(os.path.join(folder, "cost.json"))
+            cpu, wall = cpu + cost["cpu_s"], wall + cost["wall_s"]
+    return cpu, wall
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--domains", default="all", help="comma-separated domains or groups (default: all)")
+    p.add_argument("--datasets", default=None, help="random, mixed-0.1, mixed-0.3, mixed (default: all; --quick: mixed-0.3)")
+    p.add_argument("--methods", default="sft,afsft,afsft-online", help="sft, afsft, afsft-online (default: all three)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: 3; --quick: 1)")
+    p.add_argument("--episodes", type=int, default=None, help="episodes per dataset (default: 300; --quick: 60)")
+    p.add_argument("--offline-steps", type=int, default=None, help="afsft.py --offline-steps (default: 1000; --quick: 80)")
+    p.add_argument("--online-steps", type=int, default=None, help="afsft.py --online-steps, rounds (default: 50; --quick: 3)")
+    p.add_argument("--eval-episodes", type=int, default=None, help="final evaluation episodes (default: 50; --quick: 20)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between learning-curve points (default: offline steps / 5)")
+    p.add_argument("--jobs", type=int, default=2, help="subprocess chains run in parallel (default: 2, for 2 cores)")
+    p.add_argument("--quick", action="store_true", help="one seed, one dataset, fewer steps and episodes (<= 30 min on 2 cores)")
+    p.add_argument("--out", default=os.path.join(HERE, "runs"), help="runs go in OUT/<settings>/ (default: experiments/runs)")
+    p.add_argument("--table", default=os.path.join(HERE, "results.md"), help="markdown table (default: experiments/results.md)")
+    opt = p.parse_args()
+    defaults = {"datasets": "mixed-0.3" if opt.quick else "random,mixed", "seeds": 1 if opt.quick else 3,
+                "episodes": 60 if opt.quick else 300, "offline_steps": 80 if opt.quick else 1000,
+                "online_steps": 3 if opt.quick else 50, "eval_episodes": 20 if opt.quick else 50}
+    for key, value in defaults.items():
+        if getattr(opt, key) is None:
+            setattr(opt, key, value)
+    opt.domains = names(opt.domains, DOMAINS, GROUPS)
+    opt.datasets = names(opt.datasets, DATASETS, {"mixed": ["mixed-0.1", "mixed-0.3"]})
+    opt.methods = names(opt.methods, METHODS)
+    if min(opt.seeds, opt.episodes, opt.offline_steps, opt.jobs, opt.eval_episodes) < 1 or opt.online_steps < 0:
+        p.error("--seeds, --episodes, --offline-steps, --jobs, --eval-episodes must be >= 1, --online-steps >= 0")
+    opt.eval_every = opt.eval_every or max(1, opt.offline_steps // 5)
+    opt.log_every = math.gcd(opt.eval_every, 25)  # afsft.py evaluates on log steps only
+    opt.root = os.path.join(os.path.abspath(opt.out),
+                            f"ep{opt.episodes}-off{opt.offline_steps}-eval{opt.eval_episodes}x{opt.eval_every}")
+    os.makedirs(opt.root, exist_ok=True)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(opt.jobs) as pool:
+        tasks = []
+        for d in opt.domains:
+            os.makedirs(os.path.join(opt.root, d), exist_ok=True)
+            tasks.append(pool.submit(collect, d, ["--policy", "expert"], EXPERT_EPISODES, 0,
+                                     os.path.join(opt.root, d, "expert.pt")))
+        slow_first = sorted(opt.domains, key=lambda d: d.startswith("click"), reverse=True)  # MiniWoB: long prompts
+        tasks += [pool.submit(chain, d, ds, s, opt) for s in range(opt.seeds) for d in slow_first for ds in opt.datasets]
+        for task in tasks:
+            task.result()  # re-raises a crash of this script (a failed subprocess is only reported)
+    markdown = table(opt)
+    with open(opt.table, "w") as f:
+        f.write(markdown)
+    print("\n" + markdown)
+    cpu, wall = total_cost(opt.root)
+    print(f"wrote {opt.table}\nthis invocation: {time.perf_counter() - start:.0f} s wall, {cpu_used[0]:.0f} s CPU "
+          f"in its subprocesses; the finished training runs under {show(opt.root)}, "
+          f"this time or before: {cpu:.0f} s CPU, {wall:.0f} s wall")
+
+
+if __name__ == "__main__":
+    main()

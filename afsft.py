@@ -620,9 +620,10 @@ def train(args: Args):
             optimizer.step()
             agent.update_target(args.tau)
         step += 1
-        if master and (step % args.log_every == 0 or step == total):
+        evaluating = args.eval_every and step % args.eval_every == 0
+        if master and (step % args.log_every == 0 or step == total or evaluating):
             stats.update(step=step, phase=phase, buffer_turns=buffer.num_turns())
-            if args.eval_every and step % args.eval_every == 0:
+            if evaluating:
                 stats.update(evaluate(agent, args, max(args.eval_episodes // 2, 1), device))
             log.write(json.dumps(stats) + "\n")
             log.flush()

@@ -215,6 +215,8 @@ def load_agent(args: Args, model_path: str, policy_dir: str = ""):
             decoder = set(map(id, vlm.get_decoder().modules()))
             names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear) and id(m) in decoder]
             vlm = get_peft_model(vlm, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=names))
+    if args.critic_init == "auto":  # the language head is a useful prior for Q only when it was pretrained
+        args.critic_init = "zero" if args.model == "tiny" else "lm"
     return Agent(vlm, processor, args)
 
 
@@ -549,8 +551,6 @@ def train(args: Args):
     resumed = load_resume_state(args) if args.resume else None
     if args.finetune == "auto":
         args.finetune = "full" if args.model == "tiny" else "lora"
-    if args.critic_init == "auto":
-        args.critic_init = "zero" if args.model == "tiny" else "lm"
     try:
         probe = make(args)
         dataset = envs.load_dataset(args.offline, args.env) if args.offline else None

@@ -954,7 +954,7 @@ def test_family_lora_heads_and_encoding(family, families, monkeypatch):
     from peft.tuners.lora import LoraLayer
 
     torch.manual_seed(0)
-    agent = afsft.load_agent(afsft.Args(finetune="lora", lora_rank=2, critic_rank=4), families[family])
+    agent = afsft.load_agent(afsft.Args(finetune="lora", lora_rank=2, critic_rank=4, critic_init="lm"), families[family])
     # LoRA on every linear layer of the language model (2 layers x q k v o gate up down), nowhere else
     decoder = agent.vlm.get_decoder()
     adapted = [m for m in agent.vlm.modules() if isinstance(m, LoraLayer)]

@@ -220,6 +220,12 @@ class BabyAIText(TextActionEnv):
                 where = [f"{abs(side)} steps {'left' if side < 0 else 'right'}"] if side else []
                 where += [f"{ahead} steps forward"] if ahead else []
                 seen.append(f"a {cell.color} {cell.type} {' and '.join(where)}")
+        for name, (dx, dy) in (("forward", (0, -1)), ("left", (-1, 0)), ("right", (1, 0))):  # the nearest walls, as
+            x, y, steps = me_x + dx, me_y + dy, 1                                              # BabyAI-Text says them
+            while 0 <= x < grid.width and 0 <= y < grid.height and visible[x, y] and grid.get(x, y) is None:
+                x, y, steps = x + dx, y + dy, steps + 1
+            if 0 <= x < grid.width and 0 <= y < grid.height and visible[x, y] and grid.get(x, y).type == "wall":
+                seen.append(f"a wall {steps} steps {name}")
         return "You see " + ("; ".join(seen) if seen else "nothing") + "."
 
     # --- scripted policies ----------------------------------------------------

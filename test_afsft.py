@@ -204,6 +204,17 @@ def test_babyai_episode_is_truncated_after_max_turns_of_garbage():
     assert flags == [False] * 4 + [True]
 
 
+def test_babyai_text_view_names_objects_and_the_nearest_walls():
+    env = envs.make_env("babyai", text_view=True)
+    obs, _ = env.reset(seed=0)
+    view = obs["prompt"].splitlines()[1]
+    assert view == "You see a purple key 2 steps right and 1 steps forward; a blue key 2 steps right; " \
+                   "a wall 2 steps forward; a wall 2 steps left."
+    obs, *_ = env.step("[action] go forward")
+    assert "a wall 1 steps forward" in obs["prompt"]  # and going forward again leaves it there
+    assert "a wall 1 steps forward" in env.step("[action] go forward")[0]["prompt"]
+
+
 def test_babyai_passes_gymnasium_env_checker():
     check_env(envs.make_env("babyai"), skip_render_check=True)
 

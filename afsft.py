@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -491,10 +491,6 @@ def evaluate(agent, args: Args, episodes, device, seed=10**6):
     return {"success_rate": float(np.mean([rollout.envs[0].success(r) for r in returns])),
             "valid_action_rate": float(torch.cat([ep["valid"] for ep in done]).float().mean()),
             "mean_return": float(np.mean(returns)), "episodes": episodes}
-
-
-def replace(args: Args, **changes) -> Args:
-    return Args(**{**asdict(args), **changes})
 
 
 # ---------------------------------------------------------------------------

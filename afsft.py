@@ -60,8 +60,8 @@ class Args:
     sft_warmup: float = flag(0.2, "fraction of the offline steps trained with the filter off")
     gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
     tau: float = flag(0.005, "EMA rate of the target critic head")
-    mc_mix: float = flag(0.0, "lambda: at a turn's end, mix the TD target with the episode's Monte-Carlo return "
-                         "(1-lambda) TD + lambda G_t; 0 is pure TD (truncated episodes always use TD)")
+    mc_mix: float = flag(0.0, "lambda: every token's target of turn t becomes (1-lambda) TD + lambda G_t, G_t the "
+                         "episode's Monte-Carlo return; 0 is pure TD (truncated episodes always use TD)")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
     lr: float = flag(1e-3, "AdamW learning rate")
     weight_decay: float = flag(0.0, "AdamW weight decay")
@@ -332,13 +332,16 @@ def state_values(logits, q):
     return (torch.softmax(logits.float(), -1) * q).sum(-1)
 
 
-def td_targets(v_bar, is_last, reward, gamma, not_done, v_bar_next_turn, mc_return=None, mc_weight=0.0):
+def td_targets(v_bar, is_last, reward, gamma, not_done, v_bar_next_turn, mc_return=None, mc_weight=None):
     """(3) Expected-SARSA targets. Inside a turn: Vbar(s_{j+1}), discount 1. At the turn's last
-    token: r_t + gamma (1 - done_t) Vbar(s_{t+1,1}), optionally mixed with the Monte-Carlo return
-    G_t by `mc_weight` (--mc-mix). The per-turn tensors hold one value per turn, in turn order."""
+    token: r_t + gamma (1 - done_t) Vbar(s_{t+1,1}). With --mc-mix, every token of turn t is also
+    pulled toward the Monte-Carlo return G_t by `mc_weight`. The per-turn tensors hold one value
+    per turn, in turn order."""
     targets = v_bar.roll(-1)
-    turn_end = reward + gamma * not_done * v_bar_next_turn
-    targets[is_last] = turn_end if mc_return is None else torch.lerp(turn_end, mc_return, mc_weight)
+    targets[is_last] = reward + gamma * not_done * v_bar_next_turn
+    if mc_return is not None:  # no token-by-token propagation: each state sees its turn's return
+        turn_of_token = is_last.long().cumsum(0) - is_last.long()
+        targets = torch.lerp(targets, mc_return[turn_of_token], mc_weight[turn_of_token])
     return targets
 
 

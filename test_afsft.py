@@ -43,13 +43,14 @@ def test_td_target_inside_a_turn_and_at_the_boundary():
     assert targets.tolist() == pytest.approx([2.0, 3.0, 0.5 + 0.9 * 4.0, 5.0, 1.0 + 0.9 * 10.0])
 
 
-def test_td_target_mixes_in_the_monte_carlo_return_at_turn_ends_only():
+def test_td_target_mixes_the_turns_monte_carlo_return_into_each_of_its_tokens():
     v_bar = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     is_last = torch.tensor([False, False, True, False, True])
     reward, not_done, v_next = torch.tensor([0.5, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([4.0, 10.0])
     returns, weight = torch.tensor([2.0, 3.0]), torch.tensor([0.25, 0.0])  # the second episode was truncated
     targets = afsft.td_targets(v_bar, is_last, reward, 0.9, not_done, v_next, returns, weight)
-    assert targets.tolist() == pytest.approx([2.0, 3.0, 0.75 * (0.5 + 0.9 * 4.0) + 0.25 * 2.0, 5.0, 1.0 + 0.9 * 10.0])
+    mix = lambda td: 0.75 * td + 0.25 * 2.0
+    assert targets.tolist() == pytest.approx([mix(2.0), mix(3.0), mix(0.5 + 0.9 * 4.0), 5.0, 1.0 + 0.9 * 10.0])
 
 
 def test_td_target_done_does_not_bootstrap_but_truncated_does():

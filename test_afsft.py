@@ -244,12 +244,16 @@ def run_cli(*argv, script="afsft.py", timeout=600):
                           timeout=timeout, cwd=HERE)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data") / "data.pt")
-    result = run_cli("collect", "--env", "babyai", "--policy", "mixed", "--episodes", "6", "--out", path, script="envs.py")
+def collect_dataset(folder, env, episodes):
+    path = str(folder / "data.pt")
+    result = run_cli("collect", "--env", env, "--policy", "mixed", "--episodes", str(episodes), "--out", path, script="envs.py")
     assert result.returncode == 0, result.stderr
     return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return collect_dataset(tmp_path_factory.mktemp("data"), "babyai", 6)
 
 
 def test_dataset_round_trips(dataset):
@@ -933,10 +937,7 @@ def build_family(family, corpus, path, side=32):
 
 @pytest.fixture(scope="module")
 def numberline_data(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("numberline") / "data.pt")
-    result = run_cli("collect", "--env", "numberline", "--policy", "mixed", "--episodes", "4", "--out", path, script="envs.py")
-    assert result.returncode == 0, result.stderr
-    return path
+    return collect_dataset(tmp_path_factory.mktemp("numberline"), "numberline", 4)
 
 
 @pytest.fixture(scope="module")

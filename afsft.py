@@ -447,33 +447,27 @@ class Rollout:
         self.envs = [make(args) for _ in range(args.num_envs)]
         self.seeds = iter(range(seed, 2**31))
         self.obs = [env.reset(seed=next(self.seeds))[0] for env in self.envs]
-        self.open = [new_episode() for _ in self.envs]
+        self.turns = [[] for _ in self.envs]  # each env's open episode: (observation, response, reward, valid)
 
     def step(self, agent, args: Args, temperature, device):
         finished = []
         responses = act(agent, self.obs, temperature, args.max_new_tokens, device)
         for i, (env, response) in enumerate(zip(self.envs, responses)):
-            ep = self.open[i]
-            ep["images"].append(torch.from_numpy(self.obs[i]["image"]))
-            ep["prompts"].append(self.obs[i]["prompt"])
-            ep["actions"].append(response)
-            self.obs[i], reward, terminated, truncated, info = env.step(response)
-            ep["rewards"].append(reward)
-            ep["valid"].append(info["valid"])
+            obs, reward, terminated, truncated, info = env.step(response)
+            self.turns[i].append((self.obs[i], response, reward, info["valid"]))
+            self.obs[i] = obs
             if terminated or truncated:
-                finished.append({"images": torch.stack(ep["images"]), "prompts": ep["prompts"], "actions": ep["actions"],
-                                 "rewards": torch.tensor(ep["rewards"], dtype=torch.float32),
-                                 "valid": torch.tensor(ep["valid"]), "terminated": terminated, "truncated": truncated})
-                self.obs[i], self.open[i] = env.reset(seed=next(self.seeds))[0], new_episode()
+                seen, actions, rewards, valid = zip(*self.turns[i])
+                finished.append({"images": torch.stack([torch.from_numpy(o["image"]) for o in seen]),
+                                 "prompts": [o["prompt"] for o in seen], "actions": list(actions),
+                                 "rewards": torch.tensor(rewards, dtype=torch.float32), "valid": torch.tensor(valid),
+                                 "terminated": terminated, "truncated": truncated})
+                self.obs[i], self.turns[i] = env.reset(seed=next(self.seeds))[0], []
         return finished
 
     def close(self):
         for env in self.envs:
             env.close()
-
-
-def new_episode():
-    return {"images": [], "prompts": [], "actions": [], "rewards": [], "valid": []}
 
 
 def make(args: Args):

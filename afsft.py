@@ -400,9 +400,9 @@ def afsft_loss(agent, batch, args: Args, use_filter: bool, device):
 
 @torch.no_grad()
 def next_turn_values(agent, batch, v_bar, turn_lengths, device):
-    """Per turn, Vbar(s_{t+1,1}): the first state of the next turn, read from the next row of the
-    batch or from the successor prompts of `bootstrap_values`. Also which tokens end a turn, and
-    which tokens have a target (the final turn of a truncated episode has no successor stored)."""
+    """Per turn, Vbar(s_{t+1,1}), the first state of the next turn: from the next row of the batch, or from
+    one extra forward over the successor prompts of each run, the only compute AFSFT adds over SFT besides the
+    critic head. Also which tokens end a turn, and which have a target (a truncated episode's last turn has none)."""
     ends = turn_lengths.cumsum(0).to(device)
     is_last = torch.zeros(int(ends[-1]), dtype=torch.bool, device=device)
     is_last[ends - 1] = True
@@ -410,21 +410,14 @@ def next_turn_values(agent, batch, v_bar, turn_lengths, device):
     v_next = torch.zeros(len(turn_lengths), device=device)
     v_next[:-1] = torch.where(in_batch[:-1], v_bar[(ends - turn_lengths.to(device))[1:]], 0.0)
     if len(boot_of):
-        v_next[boot_of] = bootstrap_values(agent, batch, device)
+        inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
+        h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
+        v_next[boot_of] = state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
     known = in_batch | batch["done"].to(device)
     known[boot_of] = True
     has_target = torch.ones_like(v_bar)
     has_target[is_last] = known.float()
     return is_last, v_next, has_target
-
-
-@torch.no_grad()
-def bootstrap_values(agent, batch, device):
-    """Vbar at the first state of the turns that follow each run: one extra no-grad forward over
-    their prompts, the only compute AFSFT adds over SFT besides the critic head."""
-    inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
-    h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
-    return state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
 
 
 # ---------------------------------------------------------------------------

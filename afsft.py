@@ -114,6 +114,10 @@ def parse_args(argv=None) -> Args:
     return args
 
 
+def fail(message):
+    sys.exit(f"afsft.py: error: {message}")
+
+
 # ---------------------------------------------------------------------------
 # Model: a VLM trunk (LoRA or full), its language head (the policy) and a
 # critic head Q(s, .) shaped like it, plus the critic's EMA target copy.
@@ -151,6 +155,16 @@ def build_tiny_vlm(corpus, image_size, path):
         vision_feature_layer=-1, projector_hidden_act="gelu")
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
+
+
+def tiny_corpus(env, dataset):
+    """Text the tiny tokenizer is fitted to: the env's prompts and actions, and the dataset's."""
+    corpus = []
+    for seed in range(20):  # action words can depend on the state (MiniWoB's element refs)
+        corpus += [env.reset(seed=seed)[0]["prompt"]] + [envs.format_response(a, env.scheme) for a in env.action_words] * 3
+    for ep in (dataset or {}).get("episodes", [])[:200]:
+        corpus += ep["prompts"][:5] + ep["actions"]
+    return corpus
 
 
 class CriticHead(nn.Module):
@@ -283,9 +297,6 @@ def encode(processor, images, prompts, responses=None, max_response_tokens=24):
 class Buffer:
     def __init__(self, episodes=(), gamma=0.9):
         self.episodes, self.gamma = list(episodes), gamma
-
-    def add(self, episode):
-        self.episodes.append(episode)
 
     def num_turns(self):
         return sum(len(ep["actions"]) for ep in self.episodes)
@@ -503,8 +514,23 @@ def save_checkpoint(args, agent, optimizer, step, rng, online_episodes):
     shutil.rmtree(final + ".old", ignore_errors=True)
 
 
-def fail(message):
-    sys.exit(f"afsft.py: error: {message}")
+def load_resume_state(args: Args):
+    path = os.path.join(args.resume, "checkpoint", "state.pt")
+    if not os.path.exists(path):
+        fail(f"--resume {args.resume}: no checkpoint at {path}")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:
+        fail(f"--resume {args.resume}: unreadable checkpoint ({str(err).splitlines()[0][:200]})")
+    saved = state["args"]
+    if saved["env"] != args.env or saved["model"] != args.model:
+        fail(f"--resume {args.resume}: that run used --env {saved['env']} --model {saved['model']}")
+    for key in ("finetune", "critic_head", "critic_rank", "critic_init") + (("image_size",) if args.model == "tiny" else ()):
+        setattr(args, key, saved[key])  # the saved weights' shapes; the other flags may change on resume
+    args.out = args.resume
+    if args.save_buffer and os.path.exists(os.path.join(args.resume, "checkpoint", "buffer.pt")):
+        state["online_episodes"] = envs.load_dataset(os.path.join(args.resume, "checkpoint", "buffer.pt"))["episodes"]
+    return state
 
 
 # ---------------------------------------------------------------------------
@@ -545,11 +571,9 @@ def train(args: Args):
     differs = [f"{k}={v}" for k, v in (dataset or {}).get("options", {}).items() if getattr(args, k, v) != v]
     if differs:  # the policy would be evaluated on prompts of another form than it was trained on
         fail(f"--offline {args.offline} was collected with {', '.join(differs)}; pass the same flags here")
-    model_path = args.model
-    if args.model == "tiny":  # built once per run, then loaded like any saved model
-        model_path = os.path.join(args.out, "tiny-vlm")
-        if not resumed and master:
-            build_tiny_vlm(tiny_corpus(probe, dataset), args.image_size, model_path)
+    model_path = os.path.join(args.out, "tiny-vlm") if args.model == "tiny" else args.model
+    if args.model == "tiny" and not resumed and master:  # built once per run, then loaded like any saved model
+        build_tiny_vlm(tiny_corpus(probe, dataset), args.image_size, model_path)
     if ddp:
         dist.barrier()  # the other ranks load the tiny model once rank 0 has saved it
     policy_dir = os.path.join(args.resume, "checkpoint", "policy") if resumed else ""
@@ -567,17 +591,15 @@ def train(args: Args):
               f"{sum(p.numel() for p in params):,} trainable ({args.finetune}, critic head {args.critic_head})")
 
     buffer = Buffer(dataset["episodes"][rank::world] if dataset else [], args.gamma)  # each rank trains on its shard
-    online_episodes, step, state = [], 0, {}
+    num_offline, step = len(buffer.episodes), 0  # the buffer's episodes after the first num_offline are online ones
     if resumed:
-        agent.critic.load_state_dict(resumed["critic"])
-        agent.target.load_state_dict(resumed["target"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        step, online_episodes = resumed["step"], resumed.get("online_episodes", []) if master else []
+        for key, part in (("critic", agent.critic), ("target", agent.target), ("optimizer", optimizer)):
+            part.load_state_dict(resumed[key])
+        step = resumed["step"]
         if master:  # only rank 0's random streams and online episodes are saved
             torch.set_rng_state(resumed["rng"]["torch"])
             rng.bit_generator.state = resumed["rng"]["numpy"]
-        for ep in online_episodes:
-            buffer.add(ep)
+            buffer.episodes += resumed.get("online_episodes", [])
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if master and resumed and os.path.exists(metrics_path):  # forget what was logged after the checkpoint
         with open(metrics_path) as f:
@@ -614,32 +636,27 @@ def train(args: Args):
             log.write(json.dumps(stats) + "\n")
             log.flush()
         if master and step % args.save_every == 0:
-            save_checkpoint(args, agent, optimizer, step, rng, online_episodes)
-        return stats
+            save_checkpoint(args, agent, optimizer, step, rng, buffer.episodes[num_offline:])
+        bar.set_postfix({k: round(v, 3) for k, v in stats.items() if isinstance(v, float)})
+        bar.update()
 
     if step < args.offline_steps and not buffer.episodes:
         fail("the buffer is empty: give --offline data.pt, or --offline-steps 0 for a purely online run")
-    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=not master)
     try:
-        while step < args.offline_steps:
-            bar.set_postfix({k: round(v, 3) for k, v in update("offline").items() if isinstance(v, float)})
-            bar.update()
-        while step < total:
-            rollout = rollout or Rollout(args, seed=args.seed * 7919 + step)
-            for _ in range(args.rollout_len):
-                for ep in rollout.step(agent, args, args.temperature, device):
-                    buffer.add(ep)
-                    online_episodes.append(ep)
-            for _ in range(args.updates_per_round):
-                if step < total and on_all_ranks(buffer.episodes):
-                    bar.set_postfix({k: round(v, 3) for k, v in update("online").items() if isinstance(v, float)})
-                    bar.update()
+        with tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=not master) as bar:
+            while step < args.offline_steps:
+                update("offline")
+            while step < total:
+                rollout = rollout or Rollout(args, seed=args.seed * 7919 + step)
+                for _ in range(args.rollout_len):
+                    buffer.episodes += rollout.step(agent, args, args.temperature, device)
+                for _ in range(args.updates_per_round):
+                    if step < total and on_all_ranks(buffer.episodes):
+                        update("online")
     except (KeyboardInterrupt, envs.BrowserDied) as err:  # stop cleanly, keeping what was learned
-        bar.close()
         if master:
-            save_checkpoint(args, agent, optimizer, step, rng, online_episodes)
+            save_checkpoint(args, agent, optimizer, step, rng, buffer.episodes[num_offline:])
         fail(f"{str(err) or 'interrupted'}; checkpoint saved at step {step}, continue with --resume {args.out}")
-    bar.close()
     for env in (probe, rollout):
         if env is not None:
             env.close()
@@ -649,7 +666,7 @@ def train(args: Args):
         dist.destroy_process_group()
     if not master:
         return {}
-    save_checkpoint(args, agent, optimizer, step, rng, online_episodes)
+    save_checkpoint(args, agent, optimizer, step, rng, buffer.episodes[num_offline:])
     result = evaluate(agent, args, args.eval_episodes, device) if args.eval_episodes else {}
     if result:
         log.write(json.dumps({"step": step, "phase": "eval", **result}) + "\n")
@@ -658,35 +675,6 @@ def train(args: Args):
         print(json.dumps(result))
     log.close()
     return result
-
-
-def tiny_corpus(env, dataset):
-    """Text the tiny tokenizer is fitted to: the env's prompts and actions, and the dataset's."""
-    corpus = []
-    for seed in range(20):  # action words can depend on the state (MiniWoB's element refs)
-        corpus += [env.reset(seed=seed)[0]["prompt"]] + [envs.format_response(a, env.scheme) for a in env.action_words] * 3
-    for ep in (dataset or {}).get("episodes", [])[:200]:
-        corpus += ep["prompts"][:5] + ep["actions"]
-    return corpus
-
-
-def load_resume_state(args: Args):
-    path = os.path.join(args.resume, "checkpoint", "state.pt")
-    if not os.path.exists(path):
-        fail(f"--resume {args.resume}: no checkpoint at {path}")
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as err:
-        fail(f"--resume {args.resume}: unreadable checkpoint ({str(err).splitlines()[0][:200]})")
-    saved = state["args"]
-    if saved["env"] != args.env or saved["model"] != args.model:
-        fail(f"--resume {args.resume}: that run used --env {saved['env']} --model {saved['model']}")
-    for key in ("finetune", "critic_head", "critic_rank", "critic_init") + (("image_size",) if args.model == "tiny" else ()):
-        setattr(args, key, saved[key])  # the saved weights' shapes; the other flags may change on resume
-    args.out = args.resume
-    if args.save_buffer and os.path.exists(os.path.join(args.resume, "checkpoint", "buffer.pt")):
-        state["online_episodes"] = envs.load_dataset(os.path.join(args.resume, "checkpoint", "buffer.pt"))["episodes"]
-    return state
 
 
 def main(argv=None):

@@ -199,8 +199,7 @@ class Agent(nn.Module):
     def features(self, inputs, state_mask):
         """Last hidden states at the response's state positions only: the heads never see the
         prompt or image tokens, which with a 150k vocabulary would be most of the memory."""
-        hidden = self.vlm.model(**inputs, use_cache=False).last_hidden_state
-        return hidden[state_mask]
+        return self.vlm.model(**inputs, use_cache=False).last_hidden_state[state_mask]
 
     @torch.no_grad()
     def update_target(self, tau):
@@ -254,13 +253,9 @@ def end_token_id(processor):
 
 
 def encode(processor, images, prompts, responses=None, max_response_tokens=24):
-    """Model inputs for a batch of turns.
-
-    Without responses: the prompts, left-padded for `generate`. With responses:
-    prompt + response + end-of-turn token, right-padded, and `state_mask` marking
-    the positions whose hidden state predicts a response token, i.e. the states
-    s_1..s_l of the token-level MDP, and `actions`, the tokens y_1..y_l.
-    """
+    """Model inputs for a batch of turns. Without responses: the prompts, left-padded for `generate`. With them:
+    prompt + response + end-of-turn token, right-padded; `state_mask`, the positions whose hidden state predicts a
+    response token (the states s_1..s_l of the token-level MDP); the tokens y_1..y_l; and each turn's length l."""
     tokenizer, family = processor.tokenizer, FAMILIES.get(type(processor).__name__, {})
     chats = [family["prompt"].format(p) if "prompt" in family else processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
@@ -297,9 +292,6 @@ def encode(processor, images, prompts, responses=None, max_response_tokens=24):
 class Buffer:
     def __init__(self, episodes=(), gamma=0.9):
         self.episodes, self.gamma = list(episodes), gamma
-
-    def num_turns(self):
-        return sum(len(ep["actions"]) for ep in self.episodes)
 
     def sample(self, rng, batch_turns, run_length):
         """Runs of up to `run_length` consecutive turns, episodes weighted by length. A turn's
@@ -411,9 +403,8 @@ def afsft_loss(agent, batch, args: Args, use_filter: bool, device):
 
 @torch.no_grad()
 def next_turn_values(agent, batch, v_bar, turn_lengths, device):
-    """Per turn, Vbar(s_{t+1,1}), the first state of the next turn: from the next row of the batch, or from
-    one extra forward over the successor prompts of each run, the only compute AFSFT adds over SFT besides the
-    critic head. Also which tokens end a turn, and which have a target (a truncated episode's last turn has none)."""
+    """Per turn, Vbar(s_{t+1,1}) of the next turn's first state, from the next row of the batch or `bootstrap_values`.
+    Also which tokens end a turn, and which have a target (a truncated episode's last turn has no successor)."""
     ends = turn_lengths.cumsum(0).to(device)
     is_last = torch.zeros(int(ends[-1]), dtype=torch.bool, device=device)
     is_last[ends - 1] = True
@@ -421,14 +412,21 @@ def next_turn_values(agent, batch, v_bar, turn_lengths, device):
     v_next = torch.zeros(len(turn_lengths), device=device)
     v_next[:-1] = torch.where(in_batch[:-1], v_bar[(ends - turn_lengths.to(device))[1:]], 0.0)
     if len(boot_of):
-        inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
-        h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
-        v_next[boot_of] = state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
+        v_next[boot_of] = bootstrap_values(agent, batch, device)
     known = in_batch | batch["done"].to(device)
     known[boot_of] = True
     has_target = torch.ones_like(v_bar)
     has_target[is_last] = known.float()
     return is_last, v_next, has_target
+
+
+@torch.no_grad()
+def bootstrap_values(agent, batch, device):
+    """Vbar at the first state of the turn after each run: one extra no-grad forward over its prompt, the only
+    compute AFSFT adds over SFT besides the critic head."""
+    inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
+    h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
+    return state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
 
 
 # ---------------------------------------------------------------------------
@@ -630,7 +628,7 @@ def train(args: Args):
         step += 1
         evaluating = args.eval_every and step % args.eval_every == 0
         if master and (step % args.log_every == 0 or step == total or evaluating):
-            stats.update(step=step, phase=phase, buffer_turns=buffer.num_turns())
+            stats.update(step=step, phase=phase, buffer_turns=sum(len(ep["actions"]) for ep in buffer.episodes))
             if evaluating:
                 stats.update(evaluate(agent, args, max(args.eval_episodes // 2, 1), device))
             log.write(json.dumps(stats) + "\n")

@@ -30,9 +30,7 @@ from tqdm import tqdm
 import envs
 
 
-# ---------------------------------------------------------------------------
-# Args: every hyperparameter is a documented flag.
-# ---------------------------------------------------------------------------
+# --- Args: every hyperparameter is a documented flag. ---------------------------------------------------------------
 def flag(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -118,10 +116,7 @@ def fail(message):
     sys.exit(f"afsft.py: error: {message}")
 
 
-# ---------------------------------------------------------------------------
-# Model: a VLM trunk (LoRA or full), its language head (the policy) and a
-# critic head Q(s, .) shaped like it, plus the critic's EMA target copy.
-# ---------------------------------------------------------------------------
+# --- Model: a VLM trunk (LoRA or full), its language head (the policy), a critic head Q(s, .) and its EMA target ----
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] is string %}{{ m['content'] }}"
                  "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}"
                  "{% endif %}{% endfor %}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -233,9 +228,7 @@ def load_agent(args: Args, model_path: str, policy_dir: str = ""):
     return Agent(vlm, processor, args)
 
 
-# ---------------------------------------------------------------------------
-# Encoding: (image, prompt) through the family's chat template; responses end in its end-of-turn token.
-# ---------------------------------------------------------------------------
+# --- Encoding: (image, prompt) through the family's chat template; a response ends in its end-of-turn token ---------
 # What differs between VLM families, keyed by the processor class that formats their text. "end": the token
 # closing an assistant turn in the family's chat template, which the agent learns to write and generation stops
 # at (default: the tokenizer's EOS). "prompt": the processor's text format where there is no chat template.
@@ -286,9 +279,7 @@ def encode(processor, images, prompts, responses=None, max_response_tokens=24):
     return inputs, state_mask, inputs["input_ids"][:, 1:][state_mask[:, :-1]], torch.tensor([len(r) for r in ids])
 
 
-# ---------------------------------------------------------------------------
-# Buffer: whole episodes in memory, sampled as runs of consecutive turns.
-# ---------------------------------------------------------------------------
+# --- Buffer: whole episodes in memory, sampled as runs of consecutive turns. ----------------------------------------
 class Buffer:
     def __init__(self, episodes=(), gamma=0.9):
         self.episodes, self.gamma = list(episodes), gamma
@@ -326,10 +317,8 @@ class Buffer:
         return batch
 
 
-# ---------------------------------------------------------------------------
-# Losses: pure functions of tensors. Token n of the flattened batch is state
-# s_j of some turn; `is_last` marks j = l, the turn's final token.
-# ---------------------------------------------------------------------------
+# --- Losses: pure functions of tensors. -----------------------------------------------------------------------------
+# Token n of the flattened batch is the state s_j of some turn; `is_last` marks j = l, the turn's final token.
 def state_values(logits, q):
     """(2) V(s) = sum_a pi(a|s) Q(s, a), the exact expectation over the vocabulary."""
     return (torch.softmax(logits.float(), -1) * q).sum(-1)
@@ -429,9 +418,7 @@ def bootstrap_values(agent, batch, device):
     return state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
 
 
-# ---------------------------------------------------------------------------
-# Rollout: one batched generate per turn over --num-envs environments.
-# ---------------------------------------------------------------------------
+# --- Rollout: one batched generate per turn over --num-envs environments. -------------------------------------------
 @torch.no_grad()
 def act(agent, observations, temperature, max_new_tokens, device):
     inputs = encode(agent.processor, [o["image"] for o in observations], [o["prompt"] for o in observations]).to(device)
@@ -492,9 +479,7 @@ def evaluate(agent, args: Args, episodes, device, seed=10**6):
             "mean_return": float(np.mean(returns)), "episodes": episodes}
 
 
-# ---------------------------------------------------------------------------
-# Checkpoints: written to a temporary folder, then renamed into place.
-# ---------------------------------------------------------------------------
+# --- Checkpoints: written to a temporary folder, then renamed into place. -------------------------------------------
 def save_checkpoint(args, agent, optimizer, step, rng, online_episodes):
     final, tmp = os.path.join(args.out, "checkpoint"), os.path.join(args.out, "checkpoint.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -531,9 +516,7 @@ def load_resume_state(args: Args):
     return state
 
 
-# ---------------------------------------------------------------------------
-# Train loop: offline steps, then online rounds, then evaluation.
-# ---------------------------------------------------------------------------
+# --- Train loop: offline steps, then online rounds, then evaluation. ------------------------------------------------
 def train(args: Args):
     if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint")):  # never overwrite a run
         fail(f"--out {args.out} already holds a run: continue it with --resume {args.out}, or pick another --out")

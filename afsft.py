@@ -99,10 +99,10 @@ def parse_args(argv=None) -> Args:
                             " (default: %(default)s)", choices=f.metadata.get("choices"), **extra)
     args = Args(**vars(parser.parse_args(argv)))
     problems = [name for name, ok in [
-        ("--gamma in [0, 1]", 0 <= args.gamma <= 1), ("--tau in (0, 1]", 0 < args.tau <= 1), ("--mc-mix in [0, 1]", 0 <= args.mc_mix <= 1),
-        ("--sft-warmup in [0, 1]", 0 <= args.sft_warmup <= 1), ("--lr > 0", args.lr > 0),
-        ("--batch-turns, --run-length, --num-envs, --max-new-tokens >= 1",
-         min(args.batch_turns, args.run_length, args.num_envs, args.max_new_tokens) >= 1),
+        ("--gamma in [0, 1]", 0 <= args.gamma <= 1), ("--tau in (0, 1]", 0 < args.tau <= 1),
+        ("--mc-mix in [0, 1]", 0 <= args.mc_mix <= 1), ("--sft-warmup in [0, 1]", 0 <= args.sft_warmup <= 1),
+        ("--lr > 0", args.lr > 0), ("--batch-turns, --run-length, --num-envs, --max-new-tokens >= 1",
+                                    min(args.batch_turns, args.run_length, args.num_envs, args.max_new_tokens) >= 1),
         ("--offline-steps, --online-steps, --eval-episodes >= 0",
          min(args.offline_steps, args.online_steps, args.eval_episodes) >= 0),
         ("--offline needs a file when --offline-steps > 0", args.offline or args.resume or args.offline_steps == 0),
@@ -139,15 +139,14 @@ def build_tiny_vlm(corpus, image_size, path):
     processor = LlavaProcessor(image_processor=SiglipImageProcessorPil(size={"height": image_size, "width": image_size}),
                                tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="full",
                                chat_template=CHAT_TEMPLATE)
-    config = LlavaConfig(
-        vision_config=SiglipVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=image_size, patch_size=8),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512,
-                                num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=512,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                bos_token_id=None, tie_word_embeddings=False),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="full",
-        vision_feature_layer=-1, projector_hidden_act="gelu")
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=image_size, patch_size=8)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=3,
+                       num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_select_strategy="full",
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                         projector_hidden_act="gelu")
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
 
@@ -229,9 +228,9 @@ def load_agent(args: Args, model_path: str, policy_dir: str = ""):
 
 
 # --- Encoding: (image, prompt) through the family's chat template; a response ends in its end-of-turn token ---------
-# What differs between VLM families, keyed by the processor class that formats their text. "end": the token
-# closing an assistant turn in the family's chat template, which the agent learns to write and generation stops
-# at (default: the tokenizer's EOS). "prompt": the processor's text format where there is no chat template.
+# What differs between VLM families, keyed by processor class. "end": the token closing an assistant turn in the
+# chat template, which the agent learns to write and generation stops at (default: the tokenizer's EOS).
+# "prompt": the processor's text format where there is no chat template.
 FAMILIES = {
     "LlavaProcessor": {},                                # "USER: <image>\n... ASSISTANT:" then EOS
     "Idefics3Processor": {"end": "<end_of_utterance>"},  # Idefics3 and SmolVLM
@@ -285,9 +284,8 @@ class Buffer:
         self.episodes, self.gamma = list(episodes), gamma
 
     def sample(self, rng, batch_turns, run_length):
-        """Runs of up to `run_length` consecutive turns, episodes weighted by length. A turn's
-        bootstrap value then comes from its successor's forward pass in the same batch; only the
-        last turn of each run needs its successor's prompt as an extra (no-grad) input."""
+        """Runs of up to `run_length` consecutive turns, episodes weighted by length. A turn's bootstrap value then
+        comes from its successor's forward pass in the same batch; only a run's last turn needs an extra no-grad one."""
         lengths = np.array([len(ep["actions"]) for ep in self.episodes])
         turns, successors = [], []
         while len(turns) < batch_turns:
@@ -325,10 +323,9 @@ def state_values(logits, q):
 
 
 def td_targets(v_bar, is_last, reward, gamma, not_done, v_bar_next_turn, mc_return=None, mc_weight=None):
-    """(3) Expected-SARSA targets. Inside a turn: Vbar(s_{j+1}), discount 1. At the turn's last
-    token: r_t + gamma (1 - done_t) Vbar(s_{t+1,1}). With --mc-mix, every token of turn t is also
-    pulled toward the Monte-Carlo return G_t by `mc_weight`. The per-turn tensors hold one value
-    per turn, in turn order."""
+    """(3) Expected-SARSA targets. Inside a turn: Vbar(s_{j+1}), discount 1. At the turn's last token:
+    r_t + gamma (1 - done_t) Vbar(s_{t+1,1}). With --mc-mix, every token of turn t is also pulled toward the
+    Monte-Carlo return G_t by `mc_weight`. The per-turn tensors hold one value per turn, in turn order."""
     targets = v_bar.roll(-1)
     targets[is_last] = reward + gamma * not_done * v_bar_next_turn
     if mc_return is not None:  # no token-by-token propagation: each state sees its turn's return
@@ -344,11 +341,9 @@ def critic_loss(q_taken, targets, mask):
 
 def filter_weights(advantage, kind, beta=1.0, max_weight=20.0):
     """f(A): binary 1[A > 0], exp min(exp(beta A), w_max), or none (f = 1: SFT)."""
-    if kind == "binary":
-        return (advantage > 0).float()
     if kind == "exp":
         return torch.exp(beta * advantage).clamp(max=max_weight)
-    return torch.ones_like(advantage)
+    return (advantage > 0).float() if kind == "binary" else torch.ones_like(advantage)
 
 
 def actor_loss(logp_taken, weights, turn_lengths):
@@ -472,10 +467,9 @@ def evaluate(agent, args: Args, episodes, device, seed=10**6):
         done += rollout.step(agent, args, args.eval_temperature, device)
     agent.train()
     rollout.close()
-    done = done[:episodes]
-    returns = [float(ep["rewards"].sum()) for ep in done]
+    returns = [float(ep["rewards"].sum()) for ep in done[:episodes]]
     return {"success_rate": float(np.mean([rollout.envs[0].success(r) for r in returns])),
-            "valid_action_rate": float(torch.cat([ep["valid"] for ep in done]).float().mean()),
+            "valid_action_rate": float(torch.cat([ep["valid"] for ep in done[:episodes]]).float().mean()),
             "mean_return": float(np.mean(returns)), "episodes": episodes}
 
 
@@ -498,7 +492,8 @@ def save_checkpoint(args, agent, optimizer, step, rng, online_episodes):
 
 
 def load_resume_state(args: Args):
-    path = os.path.join(args.resume, "checkpoint", "state.pt")
+    checkpoint = os.path.join(args.resume, "checkpoint")
+    path = os.path.join(checkpoint, "state.pt")
     if not os.path.exists(path):
         fail(f"--resume {args.resume}: no checkpoint at {path}")
     try:
@@ -511,8 +506,8 @@ def load_resume_state(args: Args):
     for key in ("finetune", "critic_head", "critic_rank", "critic_init") + (("image_size",) if args.model == "tiny" else ()):
         setattr(args, key, saved[key])  # the saved weights' shapes; the other flags may change on resume
     args.out = args.resume
-    if args.save_buffer and os.path.exists(os.path.join(args.resume, "checkpoint", "buffer.pt")):
-        state["online_episodes"] = envs.load_dataset(os.path.join(args.resume, "checkpoint", "buffer.pt"))["episodes"]
+    if args.save_buffer and os.path.exists(os.path.join(checkpoint, "buffer.pt")):
+        state["online_episodes"] = envs.load_dataset(os.path.join(checkpoint, "buffer.pt"))["episodes"]
     return state
 
 

@@ -167,9 +167,8 @@ class CriticHead(nn.Module):
 
     def __init__(self, lm_head: nn.Linear, kind: str, rank: int, init: str = "lm"):
         super().__init__()
-        self.base = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
+        self.base = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False).requires_grad_(kind == "full")
         self.base.weight.data.copy_(lm_head.weight.data.float() if init == "lm" else 0.0)
-        self.base.weight.requires_grad_(kind == "full")
         self.down = nn.Linear(lm_head.in_features, rank, bias=False) if kind == "lowrank" else None
         self.up = nn.Linear(rank, lm_head.out_features) if kind == "lowrank" else None
         self.bias = nn.Parameter(torch.zeros(lm_head.out_features))
@@ -191,8 +190,7 @@ class Agent(nn.Module):
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
 
     def features(self, inputs, state_mask):
-        """Last hidden states at the response's state positions only: the heads never see the
-        prompt or image tokens, which with a 150k vocabulary would be most of the memory."""
+        """Hidden states at the response's states only: heads over the prompt and image tokens would fill the memory."""
         return self.vlm.model(**inputs, use_cache=False).last_hidden_state[state_mask]
 
     @torch.no_grad()
@@ -609,8 +607,7 @@ def train(args: Args):
             stats.update(step=step, phase=phase, buffer_turns=sum(len(ep["actions"]) for ep in buffer.episodes))
             if evaluating:
                 stats.update(evaluate(agent, args, max(args.eval_episodes // 2, 1), device))
-            log.write(json.dumps(stats) + "\n")
-            log.flush()
+            print(json.dumps(stats), file=log, flush=True)
         if master and step % args.save_every == 0:
             save_checkpoint(args, agent, optimizer, step, rng, buffer.episodes[num_offline:])
         bar.set_postfix({k: round(v, 3) for k, v in stats.items() if isinstance(v, float)})
@@ -645,7 +642,7 @@ def train(args: Args):
     save_checkpoint(args, agent, optimizer, step, rng, buffer.episodes[num_offline:])
     result = evaluate(agent, args, args.eval_episodes, device) if args.eval_episodes else {}
     if result:
-        log.write(json.dumps({"step": step, "phase": "eval", **result}) + "\n")
+        print(json.dumps({"step": step, "phase": "eval", **result}), file=log)
         with open(os.path.join(args.out, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
         print(json.dumps(result))

@@ -226,9 +226,8 @@ def load_agent(args: Args, model_path: str, policy_dir: str = ""):
 
 
 # --- Encoding: (image, prompt) through the family's chat template; a response ends in its end-of-turn token ---------
-# What differs between VLM families, keyed by processor class. "end": the token closing an assistant turn in the
-# chat template, which the agent learns to write and generation stops at (default: the tokenizer's EOS).
-# "prompt": the processor's text format where there is no chat template.
+# What differs between VLM families, by processor class. "end": the token closing an assistant turn, which the agent
+# learns to write and generation stops at (default: EOS). "prompt": the text format where there is no chat template.
 FAMILIES = {
     "LlavaProcessor": {},                                # "USER: <image>\n... ASSISTANT:" then EOS
     "Idefics3Processor": {"end": "<end_of_utterance>"},  # Idefics3 and SmolVLM
@@ -429,19 +428,18 @@ class Rollout:
         self.envs = [make(args) for _ in range(args.num_envs)]
         self.seeds = iter(range(seed, 2**31))
         self.obs = [env.reset(seed=next(self.seeds))[0] for env in self.envs]
-        self.turns = [[] for _ in self.envs]  # each env's open episode: (observation, response, reward, valid)
+        self.turns = [[] for _ in self.envs]  # each env's open episode: (image, prompt, action, reward, valid) per turn
 
     def step(self, agent, args: Args, temperature, device):
         finished = []
         responses = act(agent, self.obs, temperature, args.max_new_tokens, device)
         for i, (env, response) in enumerate(zip(self.envs, responses)):
-            obs, reward, terminated, truncated, info = env.step(response)
-            self.turns[i].append((self.obs[i], response, reward, info["valid"]))
-            self.obs[i] = obs
+            image, prompt = torch.from_numpy(self.obs[i]["image"]), self.obs[i]["prompt"]
+            self.obs[i], reward, terminated, truncated, info = env.step(response)
+            self.turns[i].append((image, prompt, response, reward, info["valid"]))
             if terminated or truncated:
-                seen, actions, rewards, valid = zip(*self.turns[i])
-                finished.append({"images": torch.stack([torch.from_numpy(o["image"]) for o in seen]),
-                                 "prompts": [o["prompt"] for o in seen], "actions": list(actions),
+                images, prompts, actions, rewards, valid = zip(*self.turns[i])
+                finished.append({"images": torch.stack(images), "prompts": list(prompts), "actions": list(actions),
                                  "rewards": torch.tensor(rewards, dtype=torch.float32), "valid": torch.tensor(valid),
                                  "terminated": terminated, "truncated": truncated})
                 self.obs[i], self.turns[i] = env.reset(seed=next(self.seeds))[0], []

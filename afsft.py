@@ -434,7 +434,7 @@ class Rollout:
         finished = []
         responses = act(agent, self.obs, temperature, args.max_new_tokens, device)
         for i, (env, response) in enumerate(zip(self.envs, responses)):
-            image, prompt = torch.from_numpy(self.obs[i]["image"]), self.obs[i]["prompt"]
+            image, prompt = torch.tensor(self.obs[i]["image"]), self.obs[i]["prompt"]  # a copy: env images may be read-only
             self.obs[i], reward, terminated, truncated, info = env.step(response)
             self.turns[i].append((image, prompt, response, reward, info["valid"]))
             if terminated or truncated:
@@ -477,7 +477,7 @@ def save_checkpoint(args, agent, optimizer, step, rng, online_episodes):
     torch.save({"critic": agent.critic.state_dict(), "target": agent.target.state_dict(), "args": asdict(args),
                 "optimizer": optimizer.state_dict(), "step": step,
                 "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}}, os.path.join(tmp, "state.pt"))
-    if args.save_buffer:
+    if args.save_buffer and online_episodes:  # none yet: a resume goes on without one
         torch.save({"format": envs.DATASET_FORMAT, "env": args.env, "episodes": online_episodes},
                    os.path.join(tmp, "buffer.pt"))
     shutil.rmtree(final + ".old", ignore_errors=True)
@@ -503,7 +503,10 @@ def load_resume_state(args: Args):
         setattr(args, key, saved[key])  # the saved weights' shapes; the other flags may change on resume
     args.out = args.resume
     if args.save_buffer and os.path.exists(os.path.join(checkpoint, "buffer.pt")):
-        state["online_episodes"] = envs.load_dataset(os.path.join(checkpoint, "buffer.pt"))["episodes"]
+        try:
+            state["online_episodes"] = envs.load_dataset(os.path.join(checkpoint, "buffer.pt"))["episodes"]
+        except ValueError as err:
+            fail(f"--resume {args.resume}: {err}")
     return state
 
 
@@ -513,7 +516,6 @@ def train(args: Args):
         fail(f"--out {args.out} already holds a run: continue it with --resume {args.out}, or pick another --out")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device}: this torch build sees no CUDA device")
-    os.makedirs(args.out, exist_ok=True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun, nanoGPT-style
     ddp, master = world > 1, rank == 0  # one process per device; rank 0 builds the tiny model, logs, evaluates, saves
@@ -533,6 +535,7 @@ def train(args: Args):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     resumed = load_resume_state(args) if args.resume else None
+    os.makedirs(args.out, exist_ok=True)  # after the resume, which points --out at the resumed run
     if args.finetune == "auto":
         args.finetune = "full" if args.model == "tiny" else "lora"
     try:

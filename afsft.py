@@ -427,7 +427,8 @@ class Rollout:
     def __init__(self, args: Args, seed: int):
         self.envs = [make(args) for _ in range(args.num_envs)]
         self.seeds = iter(range(seed, 2**31))
-        self.obs = [env.reset(seed=next(self.seeds))[0] for env in self.envs]
+        self.episode_seeds = [next(self.seeds) for _ in self.envs]  # each env's open episode was reset with this
+        self.obs = [env.reset(seed=s)[0] for env, s in zip(self.envs, self.episode_seeds)]
         self.turns = [[] for _ in self.envs]  # each env's open episode: (image, prompt, action, reward, valid) per turn
 
     def step(self, agent, args: Args, temperature, device):
@@ -441,8 +442,9 @@ class Rollout:
                 images, prompts, actions, rewards, valid = zip(*self.turns[i])
                 finished.append({"images": torch.stack(images), "prompts": list(prompts), "actions": list(actions),
                                  "rewards": torch.tensor(rewards, dtype=torch.float32), "valid": torch.tensor(valid),
-                                 "terminated": terminated, "truncated": truncated})
-                self.obs[i], self.turns[i] = env.reset(seed=next(self.seeds))[0], []
+                                 "terminated": terminated, "truncated": truncated, "seed": self.episode_seeds[i]})
+                self.episode_seeds[i] = next(self.seeds)
+                self.obs[i], self.turns[i] = env.reset(seed=self.episode_seeds[i])[0], []
         return finished
 
     def close(self):
@@ -458,14 +460,16 @@ def make(args: Args):
 def evaluate(agent, args: Args, episodes, device, seed=10**6):
     """Success rate, valid-action rate and mean return over `episodes` episodes on held-out seeds."""
     agent.eval()
-    rollout, done = Rollout(replace(args, num_envs=min(args.num_envs, episodes)), seed), []
-    while len(done) < episodes:
-        done += rollout.step(agent, args, args.eval_temperature, device)
+    rollout, done = Rollout(replace(args, num_envs=min(args.num_envs, episodes)), seed), {}
+    while len(done) < episodes:  # exactly the seeds seed .. seed+episodes-1: the first episodes to finish
+        for ep in rollout.step(agent, args, args.eval_temperature, device):  # are the short ones, a biased sample
+            if ep["seed"] < seed + episodes:
+                done[ep["seed"]] = ep
     agent.train()
     rollout.close()
-    returns = [float(ep["rewards"].sum()) for ep in done[:episodes]]
+    returns = [float(ep["rewards"].sum()) for ep in done.values()]
     return {"success_rate": float(np.mean([rollout.envs[0].success(r) for r in returns])),
-            "valid_action_rate": float(torch.cat([ep["valid"] for ep in done[:episodes]]).float().mean()),
+            "valid_action_rate": float(torch.cat([ep["valid"] for ep in done.values()]).float().mean()),
             "mean_return": float(np.mean(returns)), "episodes": episodes}
 
 

@@ -470,6 +470,35 @@ def test_non_finite_loss_skips_the_batch_and_never_reaches_the_weights(tmp_path,
     assert tensors and all(torch.isfinite(t.float()).all() for t in tensors)
 
 
+class SeedLengthEnv:
+    """Odd seeds win on the first turn; even seeds time out after 5 turns of no reward."""
+    observation = {"image": np.zeros((8, 8, 3), np.uint8), "prompt": "p"}
+
+    def reset(self, seed):
+        self.seed, self.turn = seed, 0
+        return self.observation, {}
+
+    def step(self, response):
+        self.turn += 1
+        won = self.seed % 2 == 1
+        return self.observation, float(won), won, self.turn == 5, {"valid": True}
+
+    def success(self, episode_return):
+        return episode_return > 0
+
+    def close(self):
+        pass
+
+
+def test_evaluate_scores_exactly_the_held_out_seeds_however_long_their_episodes(monkeypatch):
+    # finishing order favours the short (here: winning) episodes; taking the first N to finish would say 1.0
+    monkeypatch.setattr(afsft, "make", lambda args: SeedLengthEnv())
+    monkeypatch.setattr(afsft, "act", lambda agent, observations, *rest: ["x"] * len(observations))
+    agent = torch.nn.Linear(1, 1)
+    result = afsft.evaluate(agent, afsft.Args(num_envs=4), episodes=8, device="cpu", seed=10)
+    assert result["success_rate"] == 0.5 and result["mean_return"] == 0.5 and result["episodes"] == 8
+
+
 def test_same_seed_gives_the_same_losses(tmp_path, dataset):
     losses = []
     for name in ("a", "b"):

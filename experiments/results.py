@@ -30,10 +30,11 @@ The full table (1,000 offline steps, 50 online rounds of 16 turns and 8 steps, 3
 evaluation episodes plus 5 of 25 on the way) costs per seed and dataset about 2,000 CPU s for each
 cards domain, 3,000 for each BabyAI level, 6,300 for click-button and 13,000 for click-dialog: 31,500 s.
 Times 3 datasets and 3 seeds, that is about 80 CPU hours, 40 hours with --jobs 2 on 2 cores.
---quick keeps one seed and one dataset (mixed-0.3), with 80 offline steps, 3 online rounds, 60
-episodes and 20 evaluation episodes: about 220 CPU s per cards domain, 370 per BabyAI level, 600 for
-click-button and 1,100 for click-dialog, 3,100 s in all, so about 27 minutes with --jobs 2 on 2 cores
-(checked: a GoToRedBall chain of 150 steps, 5 rounds and 100 episodes took 465 CPU s; this model says 500).
+--quick keeps one seed and one dataset (mixed-0.3), with 80 offline steps (40 on the MiniWoB tasks),
+3 online rounds, 60 episodes and 20 evaluation episodes. Measured on 2026-11-25 with --jobs 2 on 2
+cores: 1,591 s wall (26.5 minutes) and 2,623 CPU s; the three training runs took 170 CPU s on
+NumberLine, 190 on Blackjack, 300 on EZPoints, 350-360 on each BabyAI level, 400 on click-button and
+810 on click-dialog (at 80 MiniWoB steps it took 2,027 s wall, over the 30-minute goal).
 Such short runs show that everything runs end to end, not which method wins.
 """
 import argparse

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -592,6 +593,8 @@ def train(args: Args):
 
     def update(phase):
         nonlocal step
+        if ctrl_c:  # raised here, not wherever the signal lands: inside a library's finalizer it would be lost
+            raise KeyboardInterrupt
         loss, stats = afsft_loss(agent, buffer.sample(rng, args.batch_turns, args.run_length), args,
                                  use_filter=step >= warmup, device=device)
         optimizer.zero_grad(set_to_none=True)
@@ -620,6 +623,13 @@ def train(args: Args):
 
     if step < args.offline_steps and not buffer.episodes:
         fail("the buffer is empty: give --offline data.pt, or --offline-steps 0 for a purely online run")
+    ctrl_c = []
+
+    def on_ctrl_c(*_):  # the loop stops at its next step and saves; a second Ctrl-C interrupts at once
+        ctrl_c.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         with tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=not master) as bar:
             while step < args.offline_steps:
@@ -628,6 +638,8 @@ def train(args: Args):
                 rollout = rollout or Rollout(args, seed=args.seed * 7919 + step)
                 for _ in range(args.rollout_len):
                     buffer.episodes += rollout.step(agent, args, args.temperature, device)
+                    if ctrl_c:
+                        raise KeyboardInterrupt
                 for _ in range(args.updates_per_round):
                     if step < total and on_all_ranks(buffer.episodes):
                         update("online")
@@ -635,6 +647,8 @@ def train(args: Args):
         if master:
             save_checkpoint(args, agent, optimizer, step, rng, buffer.episodes[num_offline:])
         fail(f"{str(err) or 'interrupted'}; checkpoint saved at step {step}, continue with --resume {args.out}")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     for env in (probe, rollout):
         if env is not None:
             env.close()

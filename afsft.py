@@ -462,8 +462,8 @@ def evaluate(agent, args: Args, episodes, device, seed=10**6):
     """Success rate, valid-action rate and mean return over `episodes` episodes on held-out seeds."""
     agent.eval()
     rollout, done = Rollout(replace(args, num_envs=min(args.num_envs, episodes)), seed), {}
-    while len(done) < episodes:  # exactly the seeds seed .. seed+episodes-1: the first episodes to finish
-        for ep in rollout.step(agent, args, args.eval_temperature, device):  # are the short ones, a biased sample
+    while len(done) < episodes:  # the seeds seed .. seed+episodes-1, not the first episodes to finish (short ones)
+        for ep in rollout.step(agent, args, args.eval_temperature, device):
             if ep["seed"] < seed + episodes:
                 done[ep["seed"]] = ep
     agent.train()

@@ -458,19 +458,26 @@ def make(args: Args):
                          **({"text_view": True} if args.text_view else {}))
 
 
-def evaluate(agent, args: Args, episodes, device, seed=10**6):
-    """Success rate, valid-action rate and mean return over `episodes` episodes on held-out seeds."""
+def play(agent, args: Args, episodes, temperature, device, seed=10**6):
+    """The finished episodes of exactly the seeds seed .. seed+episodes-1, and the env's success test. Not the
+    first episodes to finish: those are the short ones, a biased sample."""
     agent.eval()
     rollout, done = Rollout(replace(args, num_envs=min(args.num_envs, episodes)), seed), {}
-    while len(done) < episodes:  # the seeds seed .. seed+episodes-1, not the first episodes to finish (short ones)
-        for ep in rollout.step(agent, args, args.eval_temperature, device):
+    while len(done) < episodes:
+        for ep in rollout.step(agent, args, temperature, device):
             if ep["seed"] < seed + episodes:
                 done[ep["seed"]] = ep
     agent.train()
     rollout.close()
-    returns = [float(ep["rewards"].sum()) for ep in done.values()]
-    return {"success_rate": float(np.mean([rollout.envs[0].success(r) for r in returns])),
-            "valid_action_rate": float(torch.cat([ep["valid"] for ep in done.values()]).float().mean()),
+    return list(done.values()), rollout.envs[0].success
+
+
+def evaluate(agent, args: Args, episodes, device, seed=10**6):
+    """Success rate, valid-action rate and mean return over `episodes` episodes on held-out seeds."""
+    done, success = play(agent, args, episodes, args.eval_temperature, device, seed)
+    returns = [float(ep["rewards"].sum()) for ep in done]
+    return {"success_rate": float(np.mean([success(r) for r in returns])),
+            "valid_action_rate": float(torch.cat([ep["valid"] for ep in done]).float().mean()),
             "mean_return": float(np.mean(returns)), "episodes": episodes}
 
 

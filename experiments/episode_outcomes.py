@@ -16,7 +16,6 @@ this once does it until the time limit, since its input does not change.
 import argparse
 import os
 import sys
-from dataclasses import replace
 
 import torch
 
@@ -26,19 +25,14 @@ from critic_probe import load_run  # noqa: E402
 
 
 @torch.no_grad()
-def outcomes(agent, args, episodes, temperature, seed=10**6):
-    rollout, done = afsft.Rollout(replace(args, num_envs=min(args.num_envs, episodes)), seed), {}
-    while len(done) < episodes:
-        for ep in rollout.step(agent, args, temperature, "cpu"):
-            if ep["seed"] < seed + episodes:
-                done[ep["seed"]] = ep
-    rollout.close()
-    success = [rollout.envs[0].success(float(ep["rewards"].sum())) for ep in done.values()]
-    ends = {"success": sum(success),
-            "ended, no reward": sum(ep["terminated"] and not won for ep, won in zip(done.values(), success)),
-            "time limit": sum(ep["truncated"] and not won for ep, won in zip(done.values(), success))}
+def outcomes(agent, args, episodes, temperature):
+    done, success = afsft.play(agent, args, episodes, temperature, "cpu")  # the seeds afsft.py evaluates on
+    wins = [success(float(ep["rewards"].sum())) for ep in done]
+    ends = {"success": sum(wins),
+            "ended, no reward": sum(ep["terminated"] and not won for ep, won in zip(done, wins)),
+            "time limit": sum(ep["truncated"] and not won for ep, won in zip(done, wins))}
     stuck = turns = 0
-    for ep in done.values():
+    for ep in done:
         same = [bool((ep["images"][t] == ep["images"][t + 1]).all()) and ep["prompts"][t] == ep["prompts"][t + 1]
                 for t in range(len(ep["actions"]) - 1)]
         stuck += sum(s and bool(v) for s, v in zip(same, ep["valid"]))

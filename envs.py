@@ -165,7 +165,7 @@ class BabyAIText(TextActionEnv):
 
     Unlike minigrid, where `done` is a no-op, saying "done" ends the episode (pass
     `done_ends_episode=False` for minigrid's rule). With `text_view=True` the prompt also describes what the agent sees, in
-    BabyAI-Text's style ("a red ball 2 steps left and 1 step forward").
+    BabyAI-Text's style ("a red ball 2 steps left and 1 step forward"), after the cell in front of it.
     """
 
     action_words = BABYAI_WORDS
@@ -226,7 +226,11 @@ class BabyAIText(TextActionEnv):
                 x, y, steps = x + dx, y + dy, steps + 1
             if 0 <= x < grid.width and 0 <= y < grid.height and visible[x, y] and grid.get(x, y).type == "wall":
                 seen.append(f"a wall {steps} steps {name}")
-        return "You see " + ("; ".join(seen) if seen else "nothing") + "."
+        # First the one cell a step reaches, which decides `go forward` (blocked or not) and `done`. BabyAI-Text leaves
+        # it to be read off "1 steps forward" in the list, which the tiny model does not learn (README, Results).
+        ahead = grid.get(me_x, me_y - 1)
+        front = "nothing" if ahead is None else "a wall" if ahead.type == "wall" else f"a {ahead.color} {ahead.type}"
+        return f"In front of you: {front}. You see " + ("; ".join(seen) if seen else "nothing") + "."
 
     # --- scripted policies ----------------------------------------------------
     def expert_action(self) -> int:

@@ -205,15 +205,18 @@ def test_babyai_episode_is_truncated_after_max_turns_of_garbage():
     assert flags == [False] * 4 + [True]
 
 
-def test_babyai_text_view_names_objects_and_the_nearest_walls():
+def test_babyai_text_view_names_the_cell_in_front_then_objects_and_the_nearest_walls():
     env = envs.make_env("babyai", text_view=True)
     obs, _ = env.reset(seed=0)
     view = obs["prompt"].splitlines()[1]
-    assert view == "You see a purple key 2 steps right and 1 steps forward; a blue key 2 steps right; " \
-                   "a wall 2 steps forward; a wall 2 steps left."
+    assert view == "In front of you: nothing. You see a purple key 2 steps right and 1 steps forward; " \
+                   "a blue key 2 steps right; a wall 2 steps forward; a wall 2 steps left."
     obs, *_ = env.step("[action] go forward")
-    assert "a wall 1 steps forward" in obs["prompt"]  # and going forward again leaves it there
-    assert "a wall 1 steps forward" in env.step("[action] go forward")[0]["prompt"]
+    assert "In front of you: a wall." in obs["prompt"] and "a wall 1 steps forward" in obs["prompt"]
+    assert "In front of you: a wall." in env.step("[action] go forward")[0]["prompt"]  # going forward again: blocked
+    env.step("[action] turn right")  # the purple key is now 2 steps forward
+    obs, *_ = env.step("[action] go forward")
+    assert obs["prompt"].splitlines()[1].startswith("In front of you: a purple key. You see a purple key 1 steps forward")
 
 
 def test_babyai_passes_gymnasium_env_checker():

@@ -228,8 +228,8 @@ class BabyAIText(TextActionEnv):
                 seen.append(f"a wall {steps} steps {name}")
         # First the one cell a step reaches, which decides `go forward` (blocked or not) and `done`. BabyAI-Text leaves
         # it to be read off "1 steps forward" in the list, which the tiny model does not learn (README, Results).
-        ahead = grid.get(me_x, me_y - 1)
-        front = "nothing" if ahead is None else "a wall" if ahead.type == "wall" else f"a {ahead.color} {ahead.type}"
+        cell = grid.get(me_x, me_y - 1)
+        front = "nothing" if cell is None else "a wall" if cell.type == "wall" else f"a {cell.color} {cell.type}"
         return f"In front of you: {front}. You see " + ("; ".join(seen) if seen else "nothing") + "."
 
     # --- scripted policies ----------------------------------------------------

@@ -409,7 +409,8 @@ def test_killed_run_resumes_without_losing_steps_or_episodes(tmp_path, dataset):
              "--eval-episodes", "0", *SMALL, "--rollout-len", "40"]
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "afsft.py"), *flags, "--online-steps", "500"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
-    saved_step, deadline = 0, time.time() + 900  # about 30 s alone; far more on a machine busy with other runs
+    patience = 900  # seconds; about 30 s alone, far more on a machine busy with other runs
+    saved_step, deadline = 0, time.time() + patience
     try:
         while time.time() < deadline and saved_step < 8:
             time.sleep(0.5)
@@ -420,7 +421,7 @@ def test_killed_run_resumes_without_losing_steps_or_episodes(tmp_path, dataset):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert saved_step >= 8, f"in 900 s the run saved only step {saved_step}"
+    assert saved_step >= 8, f"in {patience} s the run saved only step {saved_step}"
     saved = torch.load(state_path, weights_only=True)
     saved_episodes = envs.load_dataset(os.path.join(run, "checkpoint", "buffer.pt"))["episodes"] \
         if os.path.exists(os.path.join(run, "checkpoint", "buffer.pt")) else []

@@ -15,12 +15,10 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import afsft  # noqa: E402
 import envs  # noqa: E402
-from experiments.critic_probe import PROBE_SEED, load_run  # noqa: E402
+from experiments.critic_probe import PROBE_SEED, at_first_difference, load_run  # noqa: E402
 
 WORDS = ["go forward", "turn left", "turn right", "done"]
 
@@ -30,30 +28,23 @@ def probe(run, episodes):
     env = envs.make_env(args.env, text_view=args.text_view, scheme=args.scheme)
     if not isinstance(env, envs.BabyAIText):
         sys.exit("blocked_probe.py: only BabyAI runs have a cell in front to probe")
-    rng, rows = np.random.default_rng(0), {"open": [], "blocked": []}
-    responses = [envs.format_response(w, env.scheme) for w in WORDS]
+    rng, samples = np.random.default_rng(0), {"open": [], "blocked": []}
     for i in range(episodes):
         obs, _ = env.reset(seed=PROBE_SEED + i)
         terminated = truncated = False
         while not (terminated or truncated):
             front = env.inner.grid.get(*env.inner.front_pos)
-            with torch.no_grad():
-                inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [obs["image"]] * 4,
-                                                                   [obs["prompt"]] * 4, responses, args.max_new_tokens)
-                h = agent.features(inputs, state_mask)
-                pi = torch.softmax(agent.vlm.get_output_embeddings()(h).float(), -1)
-                q = agent.critic(h.float())
-            starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]]).tolist()
-            differ = next(k for k in range(lengths.min()) if len({int(tokens[s + k]) for s in starts}) > 1)
-            state, ys = starts[0] + differ, [int(tokens[s + differ]) for s in starts]  # same prefix, same state
-            rows["open" if front is None else "blocked"].append([float(pi[state, y]) for y in ys] + [float(q[state, y]) for y in ys])
-            obs, _, terminated, truncated, _ = env.step(responses[rng.integers(3)])
+            _, pi, q, _, rows, ys = at_first_difference(agent, args, obs["image"], obs["prompt"], WORDS)
+            s_k = rows[0]  # the responses share their prefix, so every row is the same state
+            samples["open" if front is None else "blocked"].append([float(pi[s_k, y]) for y in ys] +
+                                                                   [float(q[s_k, y]) for y in ys])
+            obs, _, terminated, truncated, _ = env.step(envs.format_response(WORDS[rng.integers(3)], env.scheme))
             if env.turn >= 12:  # a dozen random moves per episode: enough states, little time
                 break
     print(f"{run} (step {step})")
-    for kind, values in rows.items():
+    for cell, values in samples.items():
         mean = np.mean(values, 0)
-        print(f"  {kind:8} {len(values):4} states   pi go/turn/done {mean[0]:.3f} {mean[1]:.3f} {mean[3]:.3f}"
+        print(f"  {cell:8} {len(values):4} states   pi go/turn/done {mean[0]:.3f} {mean[1]:.3f} {mean[3]:.3f}"
               f"   Q go/turn/done {mean[4]:+.3f} {mean[5]:+.3f} {mean[7]:+.3f}")
 
 

@@ -61,27 +61,34 @@ def disagreement_states(args, episodes):
 
 
 @torch.no_grad()
+def at_first_difference(agent, args, image, prompt, words):
+    """Encode each action's response to the same prompt and read both heads at the first token where the
+    responses differ: one state s_k. Returns h, pi, Q and V for every response token, and per response the
+    row of its token at s_k and that token's id."""
+    responses = [envs.format_response(w, args.scheme) for w in words]
+    inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [image] * len(words), [prompt] * len(words),
+                                                       responses, args.max_new_tokens)
+    h = agent.features(inputs, state_mask)
+    logits = agent.vlm.get_output_embeddings()(h).float()
+    pi, q = torch.softmax(logits, -1), agent.critic(h.float())
+    starts = [0] + lengths.cumsum(0)[:-1].tolist()
+    k = next(j for j in range(int(lengths.min())) if len({int(tokens[s + j]) for s in starts}) > 1)
+    rows = [s + k for s in starts]
+    return h, pi, q, afsft.state_values(logits, q), rows, [int(tokens[r]) for r in rows]
+
+
 def compare(agent, args, states):
     rows = collections.defaultdict(lambda: collections.defaultdict(list))
     features = []  # (h at the first differing token, expert says go) for go-vs-turn states
     for image, prompt, expert, decoy in states:
-        responses = [envs.format_response(a, args.scheme) for a in (expert, decoy)]
-        inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [image] * 2, [prompt] * 2, responses,
-                                                           args.max_new_tokens)
-        h = agent.features(inputs, state_mask)
-        logits = agent.vlm.get_output_embeddings()(h).float()
-        pi, q = torch.softmax(logits, -1), agent.critic(h.float())
-        v = afsft.state_values(logits, q)
-        n = int(lengths[0])
-        k = next(j for j in range(min(n, int(lengths[1]))) if tokens[j] != tokens[n + j])
-        e, d = tokens[k].item(), tokens[n + k].item()
+        h, pi, q, v, (i, j), (e, d) = at_first_difference(agent, args, image, prompt, (expert, decoy))
         row = rows[f"{expert} vs {decoy}"]
-        row["Q_E>Q_D"].append(q[k, e] > q[k, d])
-        row["pi_E>pi_D"].append(pi[k, e] > pi[k, d])
-        row["keep E"].append(q[k, e] > v[k])
-        row["keep D"].append(q[n + k, d] > v[n + k])
+        row["Q_E>Q_D"].append(q[i, e] > q[i, d])
+        row["pi_E>pi_D"].append(pi[i, e] > pi[i, d])
+        row["keep E"].append(q[i, e] > v[i])
+        row["keep D"].append(q[j, d] > v[j])
         if {expert.split()[0], decoy.split()[0]} == {"go", "turn"}:
-            features.append((h[k].numpy(), expert.startswith("go")))
+            features.append((h[i].numpy(), expert.startswith("go")))
     return rows, features
 
 

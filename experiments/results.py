@@ -8,9 +8,11 @@
 For each domain, dataset and seed S it collects the dataset with seed S (`envs.py collect`), then trains,
 each run with seed S, as a subprocess of `afsft.py`:
 - `sft`:          offline SFT, `--filter none`;
-- `afsft`:        offline AFSFT, afsft.py's defaults;
+- `afsft`:        offline AFSFT with `--afsft-flags`: by default the setting that beat SFT on BabyAI
+                  (README, Results), `--filter exp --beta 20 --mc-mix 1 --tau 0.1 --critic-coef 10`;
+                  `--afsft-flags ""` runs afsft.py's own defaults, the paper's;
 - `afsft-online`: the `afsft` run continued online, `--resume` on a copy of it with `--online-steps K`
-                  (folder `afsft-online<K>`, so that another K reuses the offline runs).
+                  (folder `afsft-online<K>`, so that another K reuses the offline runs), with the same flags.
 Every run logs the success rate every few steps (`--eval-every`, for experiments/plot.py) and ends with
 afsft.py's greedy evaluation (`eval.json`). It also collects a small expert dataset per domain, for the
 expert's success rate. Everything goes under `experiments/runs/<settings>/`; a run whose `eval.json`
@@ -75,6 +77,7 @@ METHODS = {"sft": "SFT (offline)", "afsft": "AFSFT (offline)", "afsft-online": "
 # Success rates (%) reported by RL4VLM (Zhai et al., 2024, "Fine-Tuning Large Vision-Language Models as
 # Decision-Making Agents via Reinforcement Learning", Table 2) for their RL on a 7B LLaVA: not run here.
 RL4VLM = {"numberline": 89.4, "ezpoints": 50.0, "blackjack": 40.2}
+AFSFT_FLAGS = "--filter exp --beta 20 --mc-mix 1 --tau 0.1 --critic-coef 10"
 EXPERT_EPISODES = 100
 
 
@@ -184,7 +187,7 @@ def chain(domain, dataset, seed, opt):
     if "sft" in opt.methods:
         train(os.path.join(where, "sft"), domain, data, seed, opt, ["--filter", "none"])
     if {"afsft", "afsft-online"} & set(opt.methods):
-        done = train(os.path.join(where, "afsft"), domain, data, seed, opt)
+        done = train(os.path.join(where, "afsft"), domain, data, seed, opt, opt.afsft_flags)
         online = os.path.join(where, run_name("afsft-online", opt))
         if done and "afsft-online" in opt.methods:
             if not os.path.exists(online):
@@ -193,7 +196,7 @@ def chain(domain, dataset, seed, opt):
                 for name in ("eval.json", "cost.json"):  # the copy is not finished, and its cost is afsft's
                     os.remove(os.path.join(online + ".tmp", name))
                 os.replace(online + ".tmp", online)
-            train(online, domain, data, seed, opt, ["--online-steps", str(opt.online_steps)])
+            train(online, domain, data, seed, opt, [*opt.afsft_flags, "--online-steps", str(opt.online_steps)])
 
 
 # ---------------------------------------------------------------------------
@@ -223,7 +226,7 @@ def table(opt):
              f"Made by `python experiments/results.py {' '.join(sys.argv[1:])}` into `{show(opt.root)}`.",
              f"Tiny default model, {opt.episodes} dataset episodes, {opt.offline_steps} offline steps"
              + (f", then online rounds: {opt.online_steps}" if "afsft-online" in opt.methods else "")
-             + f" (afsft.py's defaults otherwise), greedy evaluation on "
+             + f"; AFSFT with `{' '.join(opt.afsft_flags) or 'no flags'}`, afsft.py's defaults otherwise; greedy evaluation on "
              f"{opt.eval_episodes} held-out episodes; mean ± std over the seeds listed (each seed its own dataset).",
              "Success: the episode's return is > 0. Valid: the share of turns whose text was a valid action.", ""]
     for domain in opt.domains:
@@ -279,6 +282,7 @@ def main():
     p.add_argument("--online-steps", type=int, default=None, help="afsft.py --online-steps, rounds (default: 50; --quick: 3)")
     p.add_argument("--eval-episodes", type=int, default=None, help="final evaluation episodes (default: 50; --quick: 20)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between learning-curve points (default: offline steps / 5)")
+    p.add_argument("--afsft-flags", default=AFSFT_FLAGS, help=f"afsft.py flags of the AFSFT runs (default: {AFSFT_FLAGS!r})")
     p.add_argument("--jobs", type=int, default=2, help="subprocess chains run in parallel (default: 2, for 2 cores)")
     p.add_argument("--quick", action="store_true", help="one seed, one dataset, fewer steps and episodes (<= 30 min on 2 cores)")
     p.add_argument("--out", default=os.path.join(HERE, "runs"), help="runs go in OUT/<settings>/ (default: experiments/runs)")
@@ -297,9 +301,11 @@ def main():
         p.error("--seeds, --episodes, --offline-steps, --jobs, --eval-episodes must be >= 1, --online-steps >= 0")
     opt.eval_every = opt.eval_every or max(1, opt.offline_steps // 5)
     opt.log_every = math.gcd(opt.eval_every, 25)  # afsft.py evaluates on log steps only
+    opt.afsft_flags = opt.afsft_flags.split()
+    flags_name = "_".join(flag.lstrip("-") for flag in opt.afsft_flags)  # runs with other flags go elsewhere
     opt.root = os.path.join(os.path.abspath(opt.out),
                             f"ep{opt.episodes}-off{opt.offline_steps}-eval{opt.eval_episodes}x{opt.eval_every}"
-                            + ("-quick" if opt.quick else ""))
+                            + ("-quick" if opt.quick else "") + (f"-{flags_name}" if flags_name else ""))
     os.makedirs(opt.root, exist_ok=True)
 
     start = time.perf_counter()

@@ -41,7 +41,7 @@ class Args:
     env: str = flag("babyai", "short name (babyai, ...) or a full id such as BabyAI-GoToLocal-v0")
     offline: str = flag("", "afsft-v1 dataset that fills the buffer before the offline steps")
     out: str = flag("runs/afsft", "run directory: metrics.jsonl, eval.json, checkpoint/")
-    resume: str = flag("", "continue the run saved in this directory")
+    resume: str = flag("", "continue the run saved in this directory, with its flags but those given again")
     model: str = flag("tiny", "'tiny' (built offline) or a hub id / path of an image-text-to-text model")
     finetune: str = flag("auto", "lora: adapters on the language model; full: every weight; auto: full for tiny",
                          choices=["auto", "lora", "full"])
@@ -96,9 +96,13 @@ def parse_args(argv=None) -> Args:
     for f in fields(Args):
         kind = type(f.default)
         extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"] +
-                            " (default: %(default)s)", choices=f.metadata.get("choices"), **extra)
-    args = Args(**vars(parser.parse_args(argv)))
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                            help=f"{f.metadata['help']} (default: {f.default})", **extra)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    if given.get("resume"):  # a resumed run keeps its own flags, except those given again
+        given = {**{k: v for k, v in saved_state(given["resume"])["args"].items() if k in Args.__dataclass_fields__},
+                 **given}
+    args = Args(**given)
     problems = [name for name, ok in [
         ("--gamma in [0, 1]", 0 <= args.gamma <= 1), ("--tau in (0, 1]", 0 < args.tau <= 1),
         ("--mc-mix in [0, 1]", 0 <= args.mc_mix <= 1), ("--sft-warmup in [0, 1]", 0 <= args.sft_warmup <= 1),
@@ -499,20 +503,24 @@ def save_checkpoint(args, agent, optimizer, step, rng, online_episodes):
     shutil.rmtree(final + ".old", ignore_errors=True)
 
 
+def saved_state(run):
+    path = os.path.join(run, "checkpoint", "state.pt")
+    if not os.path.exists(path):
+        fail(f"--resume {run}: no checkpoint at {path}")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:
+        fail(f"--resume {run}: unreadable checkpoint ({str(err).splitlines()[0][:200]})")
+
+
 def load_resume_state(args: Args):
     checkpoint = os.path.join(args.resume, "checkpoint")
-    path = os.path.join(checkpoint, "state.pt")
-    if not os.path.exists(path):
-        fail(f"--resume {args.resume}: no checkpoint at {path}")
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as err:
-        fail(f"--resume {args.resume}: unreadable checkpoint ({str(err).splitlines()[0][:200]})")
+    state = saved_state(args.resume)
     saved = state["args"]
     if saved["env"] != args.env or saved["model"] != args.model:
         fail(f"--resume {args.resume}: that run used --env {saved['env']} --model {saved['model']}")
     for key in ("finetune", "critic_head", "critic_rank", "critic_init") + (("image_size",) if args.model == "tiny" else ()):
-        setattr(args, key, saved[key])  # the saved weights' shapes; the other flags may change on resume
+        setattr(args, key, saved[key])  # the saved weights' shapes, even where given again
     args.out = args.resume
     if args.save_buffer and os.path.exists(os.path.join(checkpoint, "buffer.pt")):
         try:

@@ -391,13 +391,17 @@ def test_offline_then_online_run_writes_the_run_directory(tmp_path, dataset):
 def test_resume_continues_the_step_counter(tmp_path, dataset):
     run = str(tmp_path / "run")
     # --save-buffer with no online episode yet writes no buffer, and the resume goes on without one
-    first = run_cli("--offline", dataset, "--out", run, "--offline-steps", "4", "--eval-episodes", "0", "--save-buffer", *SMALL)
+    first = run_cli("--offline", dataset, "--out", run, "--offline-steps", "4", "--eval-episodes", "0", "--save-buffer",
+                    "--filter", "exp", "--beta", "3", *SMALL)
     assert first.returncode == 0, first.stderr[-3000:]
     assert not os.path.exists(os.path.join(run, "checkpoint", "buffer.pt"))
-    second = run_cli("--resume", run, "--offline", dataset, "--offline-steps", "8", "--eval-episodes", "0", "--save-buffer", *SMALL)
+    # the flags not given again (--offline, --filter, --beta, --save-buffer, ...) are the run's own, not the defaults
+    second = run_cli("--resume", run, "--offline-steps", "8")
     assert second.returncode == 0, second.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)] == [2, 4, 6, 8]
-    assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)["step"] == 8
+    state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
+    assert state["step"] == 8 and state["args"]["offline_steps"] == 8
+    assert (state["args"]["filter"], state["args"]["beta"], state["args"]["offline"]) == ("exp", 3.0, dataset)
     other = run_cli("--resume", run, "--env", "numberline", "--offline-steps", "0")
     assert other.returncode != 0 and "that run used --env babyai" in other.stderr and "Traceback" not in other.stderr
 

@@ -2,6 +2,7 @@
 
     python experiments/episode_outcomes.py runs/sft runs/afsft              # 100 greedy episodes each
     python experiments/episode_outcomes.py runs/afsft --episodes 50 --temperature 1
+    python experiments/episode_outcomes.py runs/afsft --responses 5      # also its 5 most frequent responses
 
 It replays afsft.py's final evaluation (the same held-out seeds, the same decoding) and sorts the
 episodes into three ends:
@@ -12,8 +13,11 @@ episodes into three ends:
 `stuck turns` is the share of all turns whose action was valid and left the observation (image and
 prompt) exactly as it was: in BabyAI mostly `go forward` into a wall or an object. A greedy policy that does
 this once does it until the time limit, since its input does not change.
+`--responses N` also lists each run's N most frequent responses, marked valid or not: where a run lost its
+action syntax, they show how (for instance `[action] - not not not ...`: the action, then no end of turn).
 """
 import argparse
+import collections
 import os
 import sys
 
@@ -37,7 +41,8 @@ def outcomes(agent, args, episodes, temperature):
                 for t in range(len(ep["actions"]) - 1)]
         stuck += sum(s and bool(v) for s, v in zip(same, ep["valid"]))
         turns += len(ep["actions"])
-    return {k: v / episodes for k, v in ends.items()} | {"stuck turns": stuck / turns}
+    responses = collections.Counter((a, bool(v)) for ep in done for a, v in zip(ep["actions"], ep["valid"]))
+    return {k: v / episodes for k, v in ends.items()} | {"stuck turns": stuck / turns}, responses
 
 
 def main():
@@ -45,13 +50,20 @@ def main():
     p.add_argument("runs", nargs="+", help="run directories written by afsft.py")
     p.add_argument("--episodes", type=int, default=100, help="evaluation episodes (default: 100)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily, as afsft.py's evaluation")
+    p.add_argument("--responses", type=int, default=0, help="also list each run's N most frequent responses")
     opt = p.parse_args()
     torch.manual_seed(0)
     print("| run | step | success | ended, no reward | time limit | stuck turns |\n|---|---|---|---|---|---|")
+    most_frequent = {}
     for run in opt.runs:
         agent, args, step = load_run(run)
-        row = outcomes(agent, args, opt.episodes, opt.temperature)
+        row, responses = outcomes(agent, args, opt.episodes, opt.temperature)
         print(f"| {run} | {step} | " + " | ".join(f"{v:.2f}" for v in row.values()) + " |", flush=True)
+        most_frequent[run] = (responses.most_common(opt.responses), sum(responses.values()))
+    for run, (responses, turns) in most_frequent.items() if opt.responses else ():
+        print(f"\n{run}: the {len(responses)} most frequent of {turns} responses")
+        for (response, valid), count in responses:
+            print(f"  {count:5d}  {'valid  ' if valid else 'INVALID'}  {response!r}")
 
 
 if __name__ == "__main__":

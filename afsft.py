@@ -100,8 +100,8 @@ def parse_args(argv=None) -> Args:
                             help=f"{f.metadata['help']} (default: {f.default})", **extra)
     given = vars(parser.parse_args(argv))  # only the flags on the command line
     if given.get("resume"):  # a resumed run keeps its own flags, except those given again
-        given = {**{k: v for k, v in saved_state(given["resume"])["args"].items() if k in Args.__dataclass_fields__},
-                 **given}
+        saved = saved_state(given["resume"])["args"]
+        given = {**{f.name: saved[f.name] for f in fields(Args) if f.name in saved}, **given}
     args = Args(**given)
     problems = [name for name, ok in [
         ("--gamma in [0, 1]", 0 <= args.gamma <= 1), ("--tau in (0, 1]", 0 < args.tau <= 1),

@@ -17,7 +17,8 @@ Every run logs the success rate every few steps (`--eval-every`, for experiments
 afsft.py's greedy evaluation (`eval.json`). It also collects a small expert dataset per domain, for the
 expert's success rate. Everything goes under `experiments/runs/<settings>/`; a run whose `eval.json`
 exists is skipped and a run killed halfway resumes from its checkpoint, so the command can be rerun
-until it has finished. The table, mean +- std over seeds, goes to `experiments/results.md`.
+until it has finished. The table, mean +- std over seeds, goes to `experiments/results.md`; `--table-only`
+writes it from the runs that exist, running nothing.
 
 Domains: numberline, ezpoints, blackjack (gym_cards, with `--text-view`), gotoredball, gotolocal (BabyAI,
 with `--text-view`), click-button, click-dialog (MiniWoB++, which needs chromium); groups: cards, babyai,
@@ -284,6 +285,7 @@ def main():
     p.add_argument("--eval-every", type=int, default=None, help="steps between learning-curve points (default: offline steps / 5)")
     p.add_argument("--afsft-flags", default=AFSFT_FLAGS, help=f"afsft.py flags of the AFSFT runs (default: {AFSFT_FLAGS!r})")
     p.add_argument("--jobs", type=int, default=2, help="subprocess chains run in parallel (default: 2, for 2 cores)")
+    p.add_argument("--table-only", action="store_true", help="run nothing: write the table from the runs that exist")
     p.add_argument("--quick", action="store_true", help="one seed, one dataset, fewer steps and episodes (<= 30 min on 2 cores)")
     p.add_argument("--out", default=os.path.join(HERE, "runs"), help="runs go in OUT/<settings>/ (default: experiments/runs)")
     p.add_argument("--table", default=os.path.join(HERE, "results.md"), help="markdown table (default: experiments/results.md)")
@@ -311,12 +313,13 @@ def main():
     start = time.perf_counter()
     with ThreadPoolExecutor(opt.jobs) as pool:
         tasks = []
-        for d in opt.domains:
+        for d in [] if opt.table_only else opt.domains:
             os.makedirs(os.path.join(opt.root, d), exist_ok=True)
             tasks.append(pool.submit(collect, d, ["--policy", "expert"], EXPERT_EPISODES, 0,
                                      os.path.join(opt.root, d, "expert.pt")))
         slow_first = sorted(opt.domains, key=lambda d: d.startswith("click"), reverse=True)  # MiniWoB: long prompts
-        tasks += [pool.submit(chain, d, ds, s, opt) for s in range(opt.seeds) for d in slow_first for ds in opt.datasets]
+        tasks += [pool.submit(chain, d, ds, s, opt) for s in range(opt.seeds) for d in slow_first for ds in opt.datasets
+                  if not opt.table_only]
         for task in tasks:
             task.result()  # re-raises a crash of this script (a failed subprocess is only reported)
     markdown = table(opt)

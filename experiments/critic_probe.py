@@ -35,6 +35,8 @@ PROBE_SEED = 5_000_000  # far from collection (seed * 100_003 + i) and evaluatio
 
 
 def load_run(run):
+    if not os.path.exists(os.path.join(run, "checkpoint", "state.pt")):
+        sys.exit(f"{run}: not a run written by afsft.py (no checkpoint/state.pt)")
     state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
     args = afsft.Args(**state["args"])
     model = os.path.join(run, "tiny-vlm") if args.model == "tiny" else args.model

@@ -100,7 +100,7 @@ def parse_args(argv=None) -> Args:
                             help=f"{f.metadata['help']} (default: {f.default})", **extra)
     given = vars(parser.parse_args(argv))  # only the flags on the command line
     if given.get("resume"):  # a resumed run keeps its own flags, except those given again
-        saved = saved_state(given["resume"])["args"]
+        saved = saved_state(given["resume"], mmap=True)["args"]  # mmap: the flags, not the tensors, are read
         given = {**{f.name: saved[f.name] for f in fields(Args) if f.name in saved}, **given}
     args = Args(**given)
     problems = [name for name, ok in [
@@ -503,12 +503,12 @@ def save_checkpoint(args, agent, optimizer, step, rng, online_episodes):
     shutil.rmtree(final + ".old", ignore_errors=True)
 
 
-def saved_state(run):
+def saved_state(run, mmap=False):
     path = os.path.join(run, "checkpoint", "state.pt")
     if not os.path.exists(path):
         fail(f"--resume {run}: no checkpoint at {path}")
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, mmap=mmap)
     except Exception as err:
         fail(f"--resume {run}: unreadable checkpoint ({str(err).splitlines()[0][:200]})")
 

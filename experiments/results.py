@@ -273,6 +273,19 @@ def total_cost(root):
     return cpu, wall
 
 
+def run_all(opt):
+    with ThreadPoolExecutor(opt.jobs) as pool:
+        tasks = []
+        for d in opt.domains:
+            os.makedirs(os.path.join(opt.root, d), exist_ok=True)
+            tasks.append(pool.submit(collect, d, ["--policy", "expert"], EXPERT_EPISODES, 0,
+                                     os.path.join(opt.root, d, "expert.pt")))
+        slow_first = sorted(opt.domains, key=lambda d: d.startswith("click"), reverse=True)  # MiniWoB: long prompts
+        tasks += [pool.submit(chain, d, ds, s, opt) for s in range(opt.seeds) for d in slow_first for ds in opt.datasets]
+        for task in tasks:
+            task.result()  # re-raises a crash of this script (a failed subprocess is only reported)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--domains", default="all", help="comma-separated domains or groups (default: all)")
@@ -312,17 +325,8 @@ def main():
     os.makedirs(opt.root, exist_ok=True)
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(opt.jobs) as pool:
-        tasks = []
-        for d in [] if opt.table_only else opt.domains:
-            os.makedirs(os.path.join(opt.root, d), exist_ok=True)
-            tasks.append(pool.submit(collect, d, ["--policy", "expert"], EXPERT_EPISODES, 0,
-                                     os.path.join(opt.root, d, "expert.pt")))
-        slow_first = sorted(opt.domains, key=lambda d: d.startswith("click"), reverse=True)  # MiniWoB: long prompts
-        tasks += [pool.submit(chain, d, ds, s, opt) for s in range(opt.seeds) for d in slow_first for ds in opt.datasets
-                  if not opt.table_only]
-        for task in tasks:
-            task.result()  # re-raises a crash of this script (a failed subprocess is only reported)
+    if not opt.table_only:
+        run_all(opt)
     markdown = table(opt)
     with open(opt.table, "w") as f:
         f.write(markdown)

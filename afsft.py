@@ -590,6 +590,8 @@ def train(args: Args):
     if resumed:
         for key, part in (("critic", agent.critic), ("target", agent.target), ("optimizer", optimizer)):
             part.load_state_dict(resumed[key])
+        for group in optimizer.param_groups:  # the loaded state carries the old run's; a resume may change them
+            group.update(lr=args.lr, weight_decay=args.weight_decay)
         step = resumed["step"]
         if master:  # only rank 0's random streams and online episodes are saved
             torch.set_rng_state(resumed["rng"]["torch"])

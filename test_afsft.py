@@ -396,11 +396,13 @@ def test_resume_continues_the_step_counter(tmp_path, dataset):
     assert first.returncode == 0, first.stderr[-3000:]
     assert not os.path.exists(os.path.join(run, "checkpoint", "buffer.pt"))
     # the flags not given again (--offline, --filter, --beta, --save-buffer, ...) are the run's own, not the defaults
-    second = run_cli("--resume", run, "--offline-steps", "8")
+    second = run_cli("--resume", run, "--offline-steps", "8", "--lr", "3e-4")
     assert second.returncode == 0, second.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)] == [2, 4, 6, 8]
     state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
     assert state["step"] == 8 and state["args"]["offline_steps"] == 8
+    # a flag given again wins, the learning rate too (the optimizer state loaded from the checkpoint holds the old one)
+    assert state["args"]["lr"] == 3e-4 and {g["lr"] for g in state["optimizer"]["param_groups"]} == {3e-4}
     assert (state["args"]["filter"], state["args"]["beta"], state["args"]["offline"]) == ("exp", 3.0, dataset)
     other = run_cli("--resume", run, "--env", "numberline", "--offline-steps", "0")
     assert other.returncode != 0 and "that run used --env babyai" in other.stderr and "Traceback" not in other.stderr

@@ -12,7 +12,8 @@ each run with seed S, as a subprocess of `afsft.py`:
                   (README, Results), `--filter exp --beta 20 --mc-mix 1 --tau 0.1 --critic-coef 10`;
                   `--afsft-flags ""` runs afsft.py's own defaults, the paper's;
 - `afsft-online`: the `afsft` run continued online, `--resume` on a copy of it with `--online-steps K`
-                  (folder `afsft-online<K>`, so that another K reuses the offline runs), with the same flags.
+                  (folder `afsft-online<K>`, so that another K reuses the offline runs), with the same flags
+                  and then `--online-flags`, if given (their own folder: `afsft-online50-max-weight_1`).
 Every run logs the success rate every few steps (`--eval-every`, for experiments/plot.py) and ends with
 afsft.py's greedy evaluation (`eval.json`). It also collects a small expert dataset per domain, for the
 expert's success rate. Everything goes under `experiments/runs/<settings>/`; a run whose `eval.json`
@@ -45,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -175,8 +177,14 @@ def train(run_dir, domain, data, seed, opt, extra=()):
     return True
 
 
+def flags_name(flags):
+    return "_".join(flag.lstrip("-") for flag in flags)
+
+
 def run_name(method, opt):
-    return f"afsft-online{opt.online_steps}" if method == "afsft-online" else method
+    if method != "afsft-online":
+        return method
+    return f"afsft-online{opt.online_steps}" + (f"-{flags_name(opt.online_flags)}" if opt.online_flags else "")
 
 
 def chain(domain, dataset, seed, opt):
@@ -198,7 +206,8 @@ def chain(domain, dataset, seed, opt):
                 for name in ("eval.json", "cost.json"):  # the copy is not finished, and its cost is afsft's
                     os.remove(os.path.join(online + ".tmp", name))
                 os.replace(online + ".tmp", online)
-            train(online, domain, data, seed, opt, [*opt.afsft_flags, "--online-steps", str(opt.online_steps)])
+            train(online, domain, data, seed, opt,
+                  [*opt.afsft_flags, *opt.online_flags, "--online-steps", str(opt.online_steps)])
 
 
 # ---------------------------------------------------------------------------
@@ -225,9 +234,10 @@ def mean_std(values):
 
 def table(opt):
     lines = [f"# Results: {' vs '.join(METHODS[m] for m in opt.methods)}", "",
-             f"Made by `python experiments/results.py {' '.join(sys.argv[1:])}` into `{show(opt.root)}`.",
+             f"Made by `python experiments/results.py {shlex.join(sys.argv[1:])}` into `{show(opt.root)}`.",
              f"Tiny default model, {opt.episodes} dataset episodes, {opt.offline_steps} offline steps"
              + (f", then online rounds: {opt.online_steps}" if "afsft-online" in opt.methods else "")
+             + (f" with `{' '.join(opt.online_flags)}` added" if "afsft-online" in opt.methods and opt.online_flags else "")
              + f"; AFSFT with `{' '.join(opt.afsft_flags) or 'no flags'}`, afsft.py's defaults otherwise; greedy evaluation on "
              f"{opt.eval_episodes} held-out episodes; mean ± std over the seeds listed (each seed its own dataset).",
              "Success: the episode's return is > 0. Valid: the share of turns whose text was a valid action.", ""]
@@ -298,6 +308,8 @@ def main():
     p.add_argument("--eval-episodes", type=int, default=None, help="final evaluation episodes (default: 50; --quick: 20)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between learning-curve points (default: offline steps / 5)")
     p.add_argument("--afsft-flags", default=AFSFT_FLAGS, help=f"afsft.py flags of the AFSFT runs (default: {AFSFT_FLAGS!r})")
+    p.add_argument("--online-flags", default="", help="afsft.py flags added for the online rounds only, for instance "
+                   "'--max-weight 1' (default: none)")
     p.add_argument("--jobs", type=int, default=2, help="subprocess chains run in parallel (default: 2, for 2 cores)")
     p.add_argument("--table-only", action="store_true", help="run nothing: write the table from the runs that exist")
     p.add_argument("--quick", action="store_true", help="one seed, one dataset, fewer steps and episodes (<= 30 min on 2 cores)")
@@ -317,11 +329,11 @@ def main():
         p.error("--seeds, --episodes, --offline-steps, --jobs, --eval-episodes must be >= 1, --online-steps >= 0")
     opt.eval_every = opt.eval_every or max(1, opt.offline_steps // 5)
     opt.log_every = math.gcd(opt.eval_every, 25)  # afsft.py evaluates on log steps only
-    opt.afsft_flags = opt.afsft_flags.split()
-    flags_name = "_".join(flag.lstrip("-") for flag in opt.afsft_flags)  # runs with other flags go elsewhere
+    opt.afsft_flags, opt.online_flags = opt.afsft_flags.split(), opt.online_flags.split()
     opt.root = os.path.join(os.path.abspath(opt.out),
                             f"ep{opt.episodes}-off{opt.offline_steps}-eval{opt.eval_episodes}x{opt.eval_every}"
-                            + ("-quick" if opt.quick else "") + (f"-{flags_name}" if flags_name else ""))
+                            + ("-quick" if opt.quick else "")
+                            + (f"-{flags_name(opt.afsft_flags)}" if opt.afsft_flags else ""))  # other flags, other runs
     os.makedirs(opt.root, exist_ok=True)
 
     start = time.perf_counter()

@@ -45,47 +45,22 @@ def load_snapshot(out, k):
 
 
 @torch.no_grad()
-def read_position(agent, args, episodes, position):
-    """Per turn that reaches `position`: (token, Q, A, f(A), pi(token)) there."""
-    rows = []
+def heads_at(agent, args, episodes, position):
+    """For every turn whose response reaches `position`: its token there, and the policy's logits and the
+    critic's Q over the vocabulary in the state before it."""
+    tokens, logits, values = [], [], []
     for ep in episodes:
         for start in range(0, len(ep["actions"]), 16):
             turns = slice(start, start + 16)
-            inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, ep["images"][turns].numpy(),
-                                                               ep["prompts"][turns], ep["actions"][turns], args.max_new_tokens)
+            inputs, state_mask, taken, lengths = afsft.encode(agent.processor, ep["images"][turns].numpy(),
+                                                              ep["prompts"][turns], ep["actions"][turns], args.max_new_tokens)
             h = agent.features(inputs, state_mask)
-            logits = agent.vlm.get_output_embeddings()(h).float()
-            q = agent.critic(h.float())
-            advantage = q.gather(1, tokens[:, None])[:, 0] - afsft.state_values(logits, q)
-            weight = afsft.filter_weights(advantage, args.filter, args.beta, args.max_weight)
-            pi = torch.softmax(logits, -1)
-            first = 0
-            for length in lengths.tolist():
-                if position < length:
-                    n = first + position
-                    y = int(tokens[n])
-                    rows.append((y, q[n, y].item(), advantage[n].item(), weight[n].item(), pi[n, y].item()))
-                first += length
-    return rows
-
-
-@torch.no_grad()
-def probabilities(agent, args, episodes, position, token_ids):
-    """The policy's mean probability of each token at `position` over the same turns."""
-    sums, count = torch.zeros(len(token_ids)), 0
-    for ep in episodes:
-        for start in range(0, len(ep["actions"]), 16):
-            turns = slice(start, start + 16)
-            inputs, state_mask, _, lengths = afsft.encode(agent.processor, ep["images"][turns].numpy(),
-                                                          ep["prompts"][turns], ep["actions"][turns], args.max_new_tokens)
-            pi = torch.softmax(agent.vlm.get_output_embeddings()(agent.features(inputs, state_mask)).float(), -1)
-            first = 0
-            for length in lengths.tolist():
-                if position < length:
-                    sums += pi[first + position, token_ids]
-                    count += 1
-                first += length
-    return sums / max(count, 1)
+            first = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+            rows = (first + position)[lengths > position]  # the flattened index of each turn's token there
+            tokens.append(taken[rows])
+            logits.append(agent.vlm.get_output_embeddings()(h[rows]).float())
+            values.append(agent.critic(h[rows].float()))
+    return torch.cat(tokens), torch.cat(logits), torch.cat(values)
 
 
 def main():
@@ -115,20 +90,23 @@ def main():
         before, args, seen = load_snapshot(opt.out, k - 1)
         after, _, episodes = load_snapshot(opt.out, k)
         new = episodes[len(seen):]  # the round's own episodes
-        rows = read_position(before, args, new, opt.position)
-        by_token = collections.defaultdict(list)
-        for y, *values in rows:
-            by_token[y].append(values)
-        ids = sorted(by_token, key=lambda y: -len(by_token[y]))
-        p_after = probabilities(after, args, new, opt.position, ids)
+        tokens, logits, q = heads_at(before, args, new, opt.position)
+        q_taken = q.gather(1, tokens[:, None])[:, 0]
+        advantage = q_taken - afsft.state_values(logits, q)  # (1), (2), as the round's first update sees them
+        weight = afsft.filter_weights(advantage, args.filter, args.beta, args.max_weight)
+        p_before = torch.softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+        _, logits_after, _ = heads_at(after, args, new, opt.position)
+        p_after = torch.softmax(logits_after, -1).gather(1, tokens[:, None])[:, 0]
+        ids = [int(y) for y, _ in collections.Counter(tokens.tolist()).most_common()]
         turns = sum(len(ep["actions"]) for ep in new)
         valid = sum(int(ep["valid"].sum()) for ep in new) / max(turns, 1)
         print(f"\nround {k}: {turns} turns sampled, {valid:.2f} valid; greedy after the round: {greedy}")
         print(f"  {'token':>10} {'n':>4} {'Q':>6} {'A':>6} {'f(A)':>6} {'p before':>8} {'p after':>7}")
-        for y, p in zip(ids, p_after.tolist()):
-            q, a, w, p_before = torch.tensor(by_token[y]).mean(0).tolist()
+        for y in ids:
+            at = tokens == y
             name = before.processor.tokenizer.convert_ids_to_tokens([y])[0]
-            print(f"  {name!r:>10} {len(by_token[y]):4d} {q:6.2f} {a:+6.2f} {w:6.2f} {p_before:8.2f} {p:7.2f}")
+            print(f"  {name!r:>10} {int(at.sum()):4d} {q_taken[at].mean():6.2f} {advantage[at].mean():+6.2f} "
+                  f"{weight[at].mean():6.2f} {p_before[at].mean():8.2f} {p_after[at].mean():7.2f}")
 
 
 if __name__ == "__main__":

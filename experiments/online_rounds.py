@@ -11,10 +11,11 @@ after `[action]`, the move in the cards tasks and the first action word in BabyA
 - `n`: how many of the round's turns wrote it (sampled at `--temperature`);
 - `Q`, `A`, `f(A)`: the critic's value, advantage and filter weight that the round's first update gives it
   (the checkpoint before the round: the model that collected the episodes);
-- `p before`, `p after`: the policy's mean probability of it there, before and after the round's updates.
+- `p before`, `p after`: the policy's mean probability of it on the turns that wrote it, before and after the
+  round's updates.
 
-A token whose `f(A)` is far above the others' while `n` is small is one the critic has barely seen. If its
-`p after` jumps, one round of imitation moved the policy onto the critic's guess.
+A token whose `f(A)` is far above the others' while `n` is small is one the critic rates high on little
+evidence. If its `p after` jumps, one round of imitation moved the policy onto the critic's guess.
 """
 import argparse
 import collections

@@ -590,7 +590,7 @@ def train(args: Args):
     if resumed:
         for key, part in (("critic", agent.critic), ("target", agent.target), ("optimizer", optimizer)):
             part.load_state_dict(resumed[key])
-        for group in optimizer.param_groups:  # the loaded state carries the old run's; a resume may change them
+        for group in optimizer.param_groups:  # the loaded state holds the old run's lr; the flags given win
             group.update(lr=args.lr, weight_decay=args.weight_decay)
         step = resumed["step"]
         if master:  # only rank 0's random streams and online episodes are saved

@@ -34,13 +34,15 @@ import envs  # noqa: E402
 PROBE_SEED = 5_000_000  # far from collection (seed * 100_003 + i) and evaluation (10**6 + i) seeds
 
 
-def load_run(run):
-    if not os.path.exists(os.path.join(run, "checkpoint", "state.pt")):
-        sys.exit(f"{run}: not a run written by afsft.py (no checkpoint/state.pt)")
-    state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
+def load_run(run, checkpoint=None):
+    """The agent of a run (its `checkpoint/`, or another checkpoint folder of it), its args and its step."""
+    checkpoint = checkpoint or os.path.join(run, "checkpoint")
+    if not os.path.exists(os.path.join(checkpoint, "state.pt")):
+        sys.exit(f"{run}: not a run written by afsft.py (no {checkpoint}/state.pt)")
+    state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
     args = afsft.Args(**state["args"])
     model = os.path.join(run, "tiny-vlm") if args.model == "tiny" else args.model
-    agent = afsft.load_agent(args, model, os.path.join(run, "checkpoint", "policy"))
+    agent = afsft.load_agent(args, model, os.path.join(checkpoint, "policy"))
     agent.critic.load_state_dict(state["critic"])
     return agent.eval(), args, state["step"]
 

@@ -30,19 +30,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import afsft  # noqa: E402
 import envs  # noqa: E402
+from critic_probe import load_run  # noqa: E402
 
 
 def load_snapshot(out, k):
     """The agent saved after round k (k = 0: the offline run), its args, and the online episodes so far."""
     folder = os.path.join(out, "rounds", str(k))
-    state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
-    args = afsft.Args(**state["args"])
-    model = os.path.join(out, "tiny-vlm") if args.model == "tiny" else args.model
-    agent = afsft.load_agent(args, model, os.path.join(folder, "policy"))
-    agent.critic.load_state_dict(state["critic"])
+    agent, args, _ = load_run(out, folder)
     buffer = os.path.join(folder, "buffer.pt")
-    episodes = envs.load_dataset(buffer)["episodes"] if os.path.exists(buffer) else []
-    return agent.eval(), args, episodes
+    return agent, args, envs.load_dataset(buffer)["episodes"] if os.path.exists(buffer) else []
 
 
 @torch.no_grad()
@@ -79,6 +75,7 @@ def main():
         sys.exit(f"{opt.out} exists: pick a new folder")
     shutil.copytree(opt.run, opt.out, ignore=shutil.ignore_patterns("eval.json", "cost.json"))
     shutil.copytree(os.path.join(opt.out, "checkpoint"), os.path.join(opt.out, "rounds", "0"))
+    before, _, seen = load_snapshot(opt.out, 0)
     for k in range(1, opt.rounds + 1):
         command = [sys.executable, os.path.join(HERE, "..", "afsft.py"), "--resume", opt.out, "--online-steps", str(k),
                    "--eval-episodes", str(opt.eval_episodes), "--save-buffer", *flags]
@@ -88,8 +85,7 @@ def main():
         shutil.copytree(os.path.join(opt.out, "checkpoint"), os.path.join(opt.out, "rounds", str(k)))
         greedy = done.stdout.strip().splitlines()[-1]
 
-        before, args, seen = load_snapshot(opt.out, k - 1)
-        after, _, episodes = load_snapshot(opt.out, k)
+        after, args, episodes = load_snapshot(opt.out, k)  # args: the flags this round ran with
         new = episodes[len(seen):]  # the round's own episodes
         tokens, logits, q = heads_at(before, args, new, opt.position)
         q_taken = q.gather(1, tokens[:, None])[:, 0]
@@ -108,6 +104,7 @@ def main():
             name = before.processor.tokenizer.convert_ids_to_tokens([y])[0]
             print(f"  {name!r:>10} {int(at.sum()):4d} {q_taken[at].mean():6.2f} {advantage[at].mean():+6.2f} "
                   f"{weight[at].mean():6.2f} {p_before[at].mean():8.2f} {p_after[at].mean():7.2f}")
+        before, seen = after, episodes  # the next round starts from this one's checkpoint
 
 
 if __name__ == "__main__":

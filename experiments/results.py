@@ -232,45 +232,54 @@ def mean_std(values):
     return f"{np.mean(values):.2f}{std}"
 
 
+def rates(where, method, opt):
+    """(success, valid-action rate) of one seed's dataset (method None) or finished run, or None."""
+    if method is None:
+        path = os.path.join(where, "data.pt")
+        return dataset_rates(path) if os.path.exists(path) else None
+    path = os.path.join(where, run_name(method, opt), "eval.json")
+    if not os.path.exists(path):
+        return None
+    result = read_json(path)
+    return result["success_rate"], result["valid_action_rate"]
+
+
+def cell(results, seeds):
+    """Success mean ± std over the seeds, the valid-action rate in brackets, [n] where fewer seeds finished."""
+    if not results:
+        return "-"
+    success, valid = zip(*results)
+    return f"{mean_std(success)} ({np.mean(valid):.2f})" + (f" [{len(results)}]" if len(results) < seeds else "")
+
+
 def table(opt):
+    columns = [None] + opt.methods  # None: the dataset itself
     lines = [f"# Results: {' vs '.join(METHODS[m] for m in opt.methods)}", "",
              f"Made by `python experiments/results.py {shlex.join(sys.argv[1:])}` into `{show(opt.root)}`.",
              f"Tiny default model, {opt.episodes} dataset episodes, {opt.offline_steps} offline steps"
              + (f", then online rounds: {opt.online_steps}" if "afsft-online" in opt.methods else "")
              + (f" with `{' '.join(opt.online_flags)}` added" if "afsft-online" in opt.methods and opt.online_flags else "")
              + f"; AFSFT with `{' '.join(opt.afsft_flags) or 'no flags'}`, afsft.py's defaults otherwise; greedy evaluation on "
-             f"{opt.eval_episodes} held-out episodes; mean ± std over the seeds listed (each seed its own dataset).",
-             "Success: the episode's return is > 0. Valid: the share of turns whose text was a valid action.", ""]
+             f"{opt.eval_episodes} held-out episodes; each seed its own dataset. The BabyAI tasks and the cards run with "
+             "`--text-view`.", "",
+             "Each cell: greedy success rate, mean ± std over the seeds, and (in brackets) the share of turns whose "
+             "text was a valid action. Success: the episode's return is > 0. [n]: only n seeds have finished. "
+             "The expert is the scripted solver (100 episodes); RL4VLM is their RL on a 7B LLaVA (their Table 2, "
+             "not run here).", "",
+             "| task | dataset | seeds | the dataset | " + " | ".join(METHODS[m] for m in opt.methods)
+             + " | expert | RL4VLM |", "|---" * (len(columns) + 5) + "|"]
     for domain in opt.domains:
-        title, env, text_view = DOMAINS[domain]
-        lines += [f"## {title} (`--env {env}{' --text-view' if text_view else ''}`)", ""]
-        if offline_steps(domain, opt) != opt.offline_steps:
-            lines.append(f"{offline_steps(domain, opt)} offline steps here (--quick halves the MiniWoB tasks' steps).")
         expert = os.path.join(opt.root, domain, "expert.pt")
-        if os.path.exists(expert):
-            lines.append(f"Scripted expert: success {dataset_rates(expert)[0]:.2f} over {EXPERT_EPISODES} episodes.")
-        if domain in RL4VLM:
-            lines.append(f"RL4VLM reports {RL4VLM[domain]:.1f}% success for their RL on a 7B LLaVA "
-                         "(their numbers, their Table 2; not run here).")
-        lines += ["", "| dataset | policy | success | valid actions | seeds |", "|---|---|---|---|---|"]
+        expert = f"{dataset_rates(expert)[0]:.2f}" if os.path.exists(expert) else "-"
+        theirs = f"{RL4VLM[domain] / 100:.3f}" if domain in RL4VLM else ""
         for dataset in opt.datasets:
-            rows = {"data": ([], []), **{m: ([], []) for m in opt.methods}}
-            for seed in range(opt.seeds):
-                where = os.path.join(opt.root, domain, dataset, f"seed{seed}")
-                if os.path.exists(os.path.join(where, "data.pt")):
-                    for values, x in zip(rows["data"], dataset_rates(os.path.join(where, "data.pt"))):
-                        values.append(x)
-                for method in opt.methods:
-                    path = os.path.join(where, run_name(method, opt), "eval.json")
-                    if os.path.exists(path):
-                        result = read_json(path)
-                        rows[method][0].append(result["success_rate"])
-                        rows[method][1].append(result["valid_action_rate"])
-            for key, (success, valid) in rows.items():
-                label = "the dataset itself" if key == "data" else METHODS[key]
-                lines.append(f"| {dataset} | {label} | {mean_std(success)} | {mean_std(valid)} | {len(success)} |")
-        lines.append("")
-    return "\n".join(lines)
+            wheres = [os.path.join(opt.root, domain, dataset, f"seed{seed}") for seed in range(opt.seeds)]
+            results = [[r for r in (rates(w, method, opt) for w in wheres) if r] for method in columns]
+            if any(results):  # a task and dataset that nothing has run on is left out
+                seeds = max(map(len, results))
+                lines.append(f"| {DOMAINS[domain][0]} | {dataset} | {seeds} | "
+                             + " | ".join(cell(r, seeds) for r in results) + f" | {expert} | {theirs} |")
+    return "\n".join(lines) + "\n"
 
 
 def total_cost(root):

@@ -257,6 +257,8 @@ def table(opt):
     lines = [f"# Results: {' vs '.join(METHODS[m] for m in opt.methods)}", "",
              f"Made by `python experiments/results.py {shlex.join(sys.argv[1:])}` into `{show(opt.root)}`.",
              f"Tiny default model, {opt.episodes} dataset episodes, {opt.offline_steps} offline steps"
+             + (f" ({offline_steps('click-button', opt)} on the MiniWoB tasks)"
+                if offline_steps("click-button", opt) != opt.offline_steps else "")
              + (f", then online rounds: {opt.online_steps}" if "afsft-online" in opt.methods else "")
              + (f" with `{' '.join(opt.online_flags)}` added" if "afsft-online" in opt.methods and opt.online_flags else "")
              + f"; AFSFT with `{' '.join(opt.afsft_flags) or 'no flags'}`, afsft.py's defaults otherwise; greedy evaluation on "
@@ -279,6 +281,8 @@ def table(opt):
                 seeds = max(map(len, results))
                 lines.append(f"| {DOMAINS[domain][0]} | {dataset} | {seeds} | "
                              + " | ".join(cell(r, seeds) for r in results) + f" | {expert} | {theirs} |")
+    if not lines[-1].startswith("| "):
+        lines.append("| (no finished runs yet) |")
     return "\n".join(lines) + "\n"
 
 

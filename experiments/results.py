@@ -266,13 +266,13 @@ def table(opt):
              "`--text-view`.", "",
              "Each cell: greedy success rate, mean ± std over the seeds, and (in brackets) the share of turns whose "
              "text was a valid action. Success: the episode's return is > 0. [n]: only n seeds have finished. "
-             "The expert is the scripted solver (100 episodes); RL4VLM is their RL on a 7B LLaVA (their Table 2, "
+             f"The expert is the scripted solver ({EXPERT_EPISODES} episodes); RL4VLM is their RL on a 7B LLaVA (their Table 2, "
              "not run here).", "",
              "| task | dataset | seeds | the dataset | " + " | ".join(METHODS[m] for m in opt.methods)
              + " | expert | RL4VLM |", "|---" * (len(columns) + 5) + "|"]
     for domain in opt.domains:
-        expert = os.path.join(opt.root, domain, "expert.pt")
-        expert = f"{dataset_rates(expert)[0]:.2f}" if os.path.exists(expert) else "-"
+        expert_data = os.path.join(opt.root, domain, "expert.pt")
+        expert = f"{dataset_rates(expert_data)[0]:.2f}" if os.path.exists(expert_data) else "-"
         theirs = f"{RL4VLM[domain] / 100:.3f}" if domain in RL4VLM else ""
         for dataset in opt.datasets:
             wheres = [os.path.join(opt.root, domain, dataset, f"seed{seed}") for seed in range(opt.seeds)]

@@ -254,11 +254,11 @@ def cell(results, seeds):
 
 def table(opt):
     columns = [None] + opt.methods  # None: the dataset itself
+    miniwob_steps = offline_steps("click-button", opt)
     lines = [f"# Results: {' vs '.join(METHODS[m] for m in opt.methods)}", "",
              f"Made by `python experiments/results.py {shlex.join(sys.argv[1:])}` into `{show(opt.root)}`.",
              f"Tiny default model, {opt.episodes} dataset episodes, {opt.offline_steps} offline steps"
-             + (f" ({offline_steps('click-button', opt)} on the MiniWoB tasks)"
-                if offline_steps("click-button", opt) != opt.offline_steps else "")
+             + (f" ({miniwob_steps} on the MiniWoB tasks)" if miniwob_steps != opt.offline_steps else "")
              + (f", then online rounds: {opt.online_steps}" if "afsft-online" in opt.methods else "")
              + (f" with `{' '.join(opt.online_flags)}` added" if "afsft-online" in opt.methods and opt.online_flags else "")
              + f"; AFSFT with `{' '.join(opt.afsft_flags) or 'no flags'}`, afsft.py's defaults otherwise; greedy evaluation on "
@@ -270,6 +270,7 @@ def table(opt):
              "not run here).", "",
              "| task | dataset | seeds | the dataset | " + " | ".join(METHODS[m] for m in opt.methods)
              + " | expert | RL4VLM |", "|---" * (len(columns) + 5) + "|"]
+    header_lines = len(lines)
     for domain in opt.domains:
         expert_data = os.path.join(opt.root, domain, "expert.pt")
         expert = f"{dataset_rates(expert_data)[0]:.2f}" if os.path.exists(expert_data) else "-"
@@ -281,7 +282,7 @@ def table(opt):
                 seeds = max(map(len, results))
                 lines.append(f"| {DOMAINS[domain][0]} | {dataset} | {seeds} | "
                              + " | ".join(cell(r, seeds) for r in results) + f" | {expert} | {theirs} |")
-    if not lines[-1].startswith("| "):
+    if len(lines) == header_lines:
         lines.append("| (no finished runs yet) |")
     return "\n".join(lines) + "\n"
 

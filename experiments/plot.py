@@ -3,8 +3,9 @@
     python experiments/plot.py                                   # every settings folder under experiments/runs
     python experiments/plot.py experiments/runs/ep300-off1000-on50-eval50x200 --out experiments/plots
 
-Each figure has one panel per dataset: greedy success rate against gradient steps, one line per method,
-the mean over seeds with a band of +- one standard deviation. An afsft-online line starts where its
+Each figure has one column per dataset and two rows: the greedy success rate and the valid-action rate
+(the share of turns whose text parsed as an action) against gradient steps, one line per method, the
+mean over seeds with a band of +- one standard deviation. An afsft-online line starts where its
 afsft run ended. The points are the `metrics.jsonl` lines
 that carry `success_rate`: afsft.py's `--eval-every` evaluations and its final one. matplotlib is an
 optional extra, needed only here (pip install matplotlib).
@@ -13,6 +14,7 @@ import argparse
 import glob
 import json
 import os
+import textwrap
 from collections import defaultdict
 
 import numpy as np
@@ -21,16 +23,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COLORS = {"sft": "tab:gray", "afsft": "tab:blue", "afsft-online": "tab:orange"}
 
 
+METRICS = {"success_rate": "greedy success rate", "valid_action_rate": "valid-action rate"}
+
+
 def curve(metrics_path, online_only=False):
-    """{step: success rate}; at a step evaluated twice the later line (the final, larger evaluation) wins.
+    """{metric: {step: value}} for METRICS; at a step evaluated twice the later line (the final, larger
+    evaluation) wins.
     `online_only` drops the offline part, which an afsft-online run copied from its afsft run."""
-    points = {}
+    points = {metric: {} for metric in METRICS}
     with open(metrics_path) as f:
         for line in f:
             if line.strip():
                 row = json.loads(line)
                 if "success_rate" in row and not (online_only and row["phase"] == "offline"):
-                    points[row["step"]] = row["success_rate"]
+                    for metric in METRICS:
+                        points[metric][row["step"]] = row[metric]
     return points
 
 
@@ -42,7 +49,7 @@ def load_runs(root):
         seed_dir = os.path.dirname(method_dir)
         dataset_dir = os.path.dirname(seed_dir)
         points = curve(path, online_only=os.path.basename(method_dir).startswith("afsft-online"))
-        if points:
+        if points["success_rate"]:
             runs[os.path.basename(os.path.dirname(dataset_dir))][os.path.basename(dataset_dir)][
                 os.path.basename(method_dir)].append(points)
     return runs
@@ -54,22 +61,26 @@ def plot_domain(domain, datasets, out_path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), sharey=True, squeeze=False)
-    for ax, (dataset, methods) in zip(axes[0], sorted(datasets.items())):
-        for method, curves in sorted(methods.items()):
-            color = COLORS.get(method.rstrip("0123456789"))  # afsft-online<K>
-            steps = sorted({s for c in curves for s in c})
-            values = [[c[s] for c in curves if s in c] for s in steps]  # seeds that reached this step
-            mean, std = np.array([np.mean(v) for v in values]), np.array([np.std(v) for v in values])
-            ax.plot(steps, mean, marker="o", ms=3, color=color, label=f"{method} ({len(curves)} seeds)")
-            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
-        ax.set_title(dataset)
-        ax.set_xlabel("gradient steps")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("greedy success rate")
+    fig, axes = plt.subplots(len(METRICS), len(datasets), figsize=(4.2 * len(datasets), 6.2), sharex="col",
+                             sharey=True, squeeze=False)
+    for column, (dataset, methods) in enumerate(sorted(datasets.items())):
+        for ax, metric in zip(axes[:, column], METRICS):
+            for method, curves in sorted(methods.items()):
+                color = COLORS.get(method.rstrip("0123456789"))  # afsft-online<K>
+                curves = [c[metric] for c in curves]
+                steps = sorted({s for c in curves for s in c})
+                values = [[c[s] for c in curves if s in c] for s in steps]  # seeds that reached this step
+                mean, std = np.array([np.mean(v) for v in values]), np.array([np.std(v) for v in values])
+                ax.plot(steps, mean, marker="o", ms=3, color=color, label=f"{method} ({len(curves)} seeds)")
+                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+        axes[0][column].set_title(dataset)
+        axes[-1][column].set_xlabel("gradient steps")
+    for ax, label in zip(axes[:, 0], METRICS.values()):
+        ax.set_ylabel(label)
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
@@ -89,7 +100,7 @@ def main():
             print(f"no metrics.jsonl with success rates under {root}")
         for domain, datasets in sorted(runs.items()):
             path = os.path.join(opt.out, f"{domain}.png" if len(roots) == 1 else f"{settings}-{domain}.png")
-            plot_domain(domain, datasets, path, f"{domain} ({settings})")
+            plot_domain(domain, datasets, path, domain + "\n" + textwrap.fill(settings, 50))
             print(f"wrote {path}")
     if not roots:
         print("no runs found: run experiments/results.py first")

@@ -1,6 +1,6 @@
 """results.py: the results table of issue #4 in one command: collect, train, evaluate, aggregate.
 
-    python experiments/results.py                         # the full table (80 CPU hours, see below)
+    python experiments/results.py                         # the full table (50 CPU hours, see below)
     python experiments/results.py --quick                 # a smoke-sized table in <= 30 minutes on 2 cores
     python experiments/results.py --domains numberline --datasets random --methods sft,afsft --seeds 1 \\
         --offline-steps 20 --episodes 30                  # one cell, to check the pipeline end to end
@@ -30,10 +30,11 @@ Cost, estimated from speeds measured on these 2-core machines, one thread per pr
   click-button and 5.1 on click-dialog (its prompts list the page: 730 tokens), AFSFT 1-10% more;
 - rollouts and evaluations run at about 27 env steps per CPU s with 8 envs (24-token responses),
   and a failing episode lasts up to 10 turns (NumberLine), 64 (BabyAI) or 5 (MiniWoB).
-The full table (1,000 offline steps, 50 online rounds of 16 turns and 8 steps, 300 episodes, 50
-evaluation episodes plus 5 of 25 on the way) costs per seed and dataset about 2,000 CPU s for each
-cards domain, 3,000 for each BabyAI level, 6,300 for click-button and 13,000 for click-dialog: 31,500 s.
-Times 3 datasets and 3 seeds, that is about 80 CPU hours, 40 hours with --jobs 2 on 2 cores.
+The full table (500 offline steps, the README's protocol; 50 online rounds of 16 turns and 8 steps, 300
+episodes, 50 evaluation episodes plus 5 of 25 on the way) costs per seed and dataset about 1,300 CPU s for
+each cards domain, 2,000 for each BabyAI level, 4,000 for click-button and 7,900 for click-dialog: 19,800 s.
+Times 3 datasets and 3 seeds, that is about 50 CPU hours, 25 hours with --jobs 2 on 2 cores. (The 77 runs
+of the README's table, 74 offline and 3 online, measured 10.5 CPU hours in all.)
 --quick keeps one seed and one dataset (mixed-0.3), with 80 offline steps (40 on the MiniWoB tasks),
 3 online rounds, 60 episodes and 20 evaluation episodes. Measured on 2026-11-25 with --jobs 2 on 2
 cores, with the paper's flags (the filter's flags do not change what a gradient step costs): 1,591 s
@@ -317,7 +318,7 @@ def main():
     p.add_argument("--methods", default="sft,afsft,afsft-online", help="sft, afsft, afsft-online (default: all three)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: 3; --quick: 1)")
     p.add_argument("--episodes", type=int, default=None, help="episodes per dataset (default: 300; --quick: 60)")
-    p.add_argument("--offline-steps", type=int, default=None, help="afsft.py --offline-steps (default: 1000; --quick: 80, 40 on MiniWoB)")
+    p.add_argument("--offline-steps", type=int, default=None, help="afsft.py --offline-steps (default: 500; --quick: 80, 40 on MiniWoB)")
     p.add_argument("--online-steps", type=int, default=None, help="afsft.py --online-steps, rounds (default: 50; --quick: 3)")
     p.add_argument("--eval-episodes", type=int, default=None, help="final evaluation episodes (default: 50; --quick: 20)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between learning-curve points (default: offline steps / 5)")
@@ -331,7 +332,7 @@ def main():
     p.add_argument("--table", default=os.path.join(HERE, "results.md"), help="markdown table (default: experiments/results.md)")
     opt = p.parse_args()
     defaults = {"datasets": "mixed-0.3" if opt.quick else "random,mixed", "seeds": 1 if opt.quick else 3,
-                "episodes": 60 if opt.quick else 300, "offline_steps": 80 if opt.quick else 1000,
+                "episodes": 60 if opt.quick else 300, "offline_steps": 80 if opt.quick else 500,
                 "online_steps": 3 if opt.quick else 50, "eval_episodes": 20 if opt.quick else 50}
     for key, value in defaults.items():
         if getattr(opt, key) is None:

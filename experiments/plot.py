@@ -7,7 +7,8 @@ Each figure has one column per dataset and two rows: the greedy success rate and
 (the share of turns whose text parsed as an action) against gradient steps, one line per method, the
 mean over seeds with a band of +- one standard deviation. An afsft-online line starts where its
 afsft run ended. The points are the `metrics.jsonl` lines
-that carry `success_rate`: afsft.py's `--eval-every` evaluations and its final one. matplotlib is an
+that carry `success_rate`: afsft.py's `--eval-every` evaluations (on half of `--eval-episodes`) and
+its final one, of finished runs only (those with an `eval.json`). matplotlib is an
 optional extra, needed only here (pip install matplotlib).
 """
 import argparse
@@ -46,6 +47,8 @@ def load_runs(root):
     runs = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for path in sorted(glob.glob(os.path.join(root, "*", "*", "seed*", "*", "metrics.jsonl"))):
         method_dir = os.path.dirname(path)
+        if not os.path.exists(os.path.join(method_dir, "eval.json")):
+            continue  # a run still going, or killed: its curve would end early and look like a result
         seed_dir = os.path.dirname(method_dir)
         dataset_dir = os.path.dirname(seed_dir)
         points = curve(path, online_only=os.path.basename(method_dir).startswith("afsft-online"))

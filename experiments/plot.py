@@ -1,7 +1,7 @@
 """plot.py: learning curves from the runs of experiments/results.py, one PNG per domain.
 
     python experiments/plot.py                                   # every settings folder under experiments/runs
-    python experiments/plot.py experiments/runs/ep300-off1000-on50-eval50x200 --out experiments/plots
+    python experiments/plot.py experiments/runs/ep300-off500-eval50x100-filter_exp_beta_20_mc-mix_1_tau_0.1_critic-coef_10 --out experiments/plots
 
 Each figure has one column per dataset and two rows: the greedy success rate and the valid-action rate
 (the share of turns whose text parsed as an action) against gradient steps, one line per method, the
@@ -70,9 +70,9 @@ def plot_domain(domain, datasets, out_path, title):
         for ax, metric in zip(axes[:, column], METRICS):
             for method, curves in sorted(methods.items()):
                 color = COLORS.get(method.rstrip("0123456789"))  # afsft-online<K>
-                curves = [c[metric] for c in curves]
-                steps = sorted({s for c in curves for s in c})
-                values = [[c[s] for c in curves if s in c] for s in steps]  # seeds that reached this step
+                per_seed = [c[metric] for c in curves]
+                steps = sorted({s for c in per_seed for s in c})
+                values = [[c[s] for c in per_seed if s in c] for s in steps]  # seeds that reached this step
                 mean, std = np.array([np.mean(v) for v in values]), np.array([np.std(v) for v in values])
                 ax.plot(steps, mean, marker="o", ms=3, color=color, label=f"{method} ({len(curves)} seeds)")
                 ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)

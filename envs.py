@@ -3,7 +3,7 @@
 Every domain is a small subclass of `TextActionEnv`: a gymnasium env whose
 observation is {"image": uint8[H,W,3], "prompt": str} and whose action is the
 agent's whole text response. Turning text into an env action happens in two
-steps, both owned here and never by the learner (DESIGN.md section 1):
+steps, both owned here and never by the learner:
 
     parse_agent(response, scheme) -> action text or None   (the prompting scheme)
     env.parse_env(action text)    -> env action or None    (the domain)
@@ -35,10 +35,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-DATASET_FORMAT = "afsft-v1"
+DATASET_FORMAT = "afsft-v2"  # each turn's image stored as PNG bytes; "afsft-v1" files (raw pixels) still load
+DATASET_FORMATS = ("afsft-v1", "afsft-v2")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # ---------------------------------------------------------------------------
-# Prompting schemes: how a response carries its action (DESIGN.md section 1).
+# Prompting schemes: how a response carries its action.
 # ---------------------------------------------------------------------------
 SCHEMES = {
     "tag": 'End your reply with "[action]" followed by exactly one action.',
@@ -93,10 +95,12 @@ class TextActionEnv(gym.Env):
     action_words: list[str] = []
     image_shape: tuple[int, int, int] = (56, 56, 3)
 
-    def __init__(self, scheme: str = "tag", invalid_penalty: float = 0.1, max_turns: int = 64, history: int = 0):
+    def __init__(self, scheme: str = "tag", invalid_penalty: float = 0.1, max_turns: int = 64,
+                 history: int = 0):
         if scheme not in SCHEMES:
             raise ValueError(f"unknown prompting scheme {scheme!r}; choose from {sorted(SCHEMES)}")
-        self.scheme, self.invalid_penalty, self.max_turns, self.history = scheme, invalid_penalty, max_turns, history
+        self.scheme, self.invalid_penalty = scheme, invalid_penalty
+        self.max_turns, self.history = max_turns, history
         self.observation_space = gym.spaces.Dict({
             "image": gym.spaces.Box(0, 255, self.image_shape, np.uint8),
             "prompt": gym.spaces.Text(max_length=4096, charset=_PRINTABLE),
@@ -163,10 +167,9 @@ BABYAI_WORDS = ["turn left", "turn right", "go forward", "pick up", "drop", "tog
 class BabyAIText(TextActionEnv):
     """Any BabyAI level with the agent's 56x56 egocentric view and text actions.
 
-    Unlike minigrid, where `done` is a no-op, saying "done" ends the episode (pass
-    `done_ends_episode=False` for minigrid's rule). With `text_view=True` the prompt also describes what the agent sees, in
-    BabyAI-Text's style ("a red ball 2 steps left and 1 step forward"), after the cell in front of it.
-    """
+    Unlike minigrid, where `done` is a no-op, saying "done" ends the episode (pass `done_ends_episode=False`
+    for minigrid's rule). With `text_view=True` the prompt also describes what the agent sees, in BabyAI-
+    Text's style ("a red ball 2 steps left and 1 step forward"), after the cell in front of it."""
 
     action_words = BABYAI_WORDS
 
@@ -220,16 +223,20 @@ class BabyAIText(TextActionEnv):
                 where = [f"{abs(side)} steps {'left' if side < 0 else 'right'}"] if side else []
                 where += [f"{ahead} steps forward"] if ahead else []
                 seen.append(f"a {cell.color} {cell.type} {' and '.join(where)}")
-        for name, (dx, dy) in (("forward", (0, -1)), ("left", (-1, 0)), ("right", (1, 0))):  # the nearest walls, as
-            x, y, steps = me_x + dx, me_y + dy, 1                                              # BabyAI-Text says them
+        # the nearest walls, as BabyAI-Text says them
+        for name, (dx, dy) in (("forward", (0, -1)), ("left", (-1, 0)), ("right", (1, 0))):
+            x, y, steps = me_x + dx, me_y + dy, 1
             while 0 <= x < grid.width and 0 <= y < grid.height and visible[x, y] and grid.get(x, y) is None:
                 x, y, steps = x + dx, y + dy, steps + 1
-            if 0 <= x < grid.width and 0 <= y < grid.height and visible[x, y] and grid.get(x, y).type == "wall":
+            inside = 0 <= x < grid.width and 0 <= y < grid.height and visible[x, y]
+            if inside and grid.get(x, y).type == "wall":
                 seen.append(f"a wall {steps} steps {name}")
-        # First the one cell a step reaches, which decides `go forward` (blocked or not) and `done`. BabyAI-Text leaves
-        # it to be read off "1 steps forward" in the list, which the tiny model does not learn (README, Results).
+        # First the one cell a step reaches, which decides `go forward` (blocked or not) and `done`.
+        # BabyAI-Text leaves it to be read off "1 steps forward" in the list, which a tiny model trained
+        # from scratch did not learn (experiments/findings.md).
         cell = grid.get(me_x, me_y - 1)
-        front = "nothing" if cell is None else "a wall" if cell.type == "wall" else f"a {cell.color} {cell.type}"
+        front = "nothing" if cell is None else "a wall" if cell.type == "wall" else \
+            f"a {cell.color} {cell.type}"
         return f"In front of you: {front}. You see " + ("; ".join(seen) if seen else "nothing") + "."
 
     # --- scripted policies ----------------------------------------------------
@@ -255,10 +262,12 @@ class BabyAIText(TextActionEnv):
 
         env, real = self.inner, self.inner.instrs
         targets = {id(o) for o in getattr(getattr(real, "desc", None), "obj_set", [])}
-        others = [o for o in env.grid.grid if o is not None and o.type in ("ball", "box", "key") and id(o) not in targets]
+        others = [o for o in env.grid.grid
+                  if o is not None and o.type in ("ball", "box", "key") and id(o) not in targets]
         if not others:  # nothing to confuse: the bot acts as the expert
             return BabyAIBot(env)
-        nearest = min(others, key=lambda o: abs(o.cur_pos[0] - env.agent_pos[0]) + abs(o.cur_pos[1] - env.agent_pos[1]))
+        x, y = env.agent_pos
+        nearest = min(others, key=lambda o: abs(o.cur_pos[0] - x) + abs(o.cur_pos[1] - y))
         decoy = GoToInstr(ObjDesc(nearest.type, nearest.color))
         decoy.reset_verifier(env)
         decoy.desc.obj_set, decoy.desc.obj_poss = [nearest], [nearest.cur_pos]
@@ -280,7 +289,9 @@ SUITS = "\u2660\u2665\u2666\u2663"  # spades, hearts, diamonds, clubs
 @functools.lru_cache(maxsize=None)
 def font(size: int):
     """Upstream's DejaVu Sans Bold, or Pillow's built-in font where it is not installed."""
-    return ImageFont.truetype(FONT_PATH, size) if os.path.exists(FONT_PATH) else ImageFont.load_default(size=size)
+    if os.path.exists(FONT_PATH):
+        return ImageFont.truetype(FONT_PATH, size)
+    return ImageFont.load_default(size=size)
 
 
 def draw_card(draw, box, card: tuple[int, int] | None):
@@ -293,7 +304,7 @@ def draw_card(draw, box, card: tuple[int, int] | None):
     rank, suit = card
     color = "#c0392b" if suit in (1, 2) else "black"
     draw.rounded_rectangle(box, radius=8, fill="white", outline="black", width=2)
-    draw.text((x0 + 6, y0 + 4), rank_name(rank), fill=color, font=font((y1 - y0) // 6))
+    draw.text((x0 + 6, y0 + 4), rank_name(rank), fill=color, font=font((y1 - y0) // 4))  # legible at 112x112
     draw.text(((x0 + x1) / 2, (y0 + y1) / 2), SUITS[suit], fill=color, font=font((y1 - y0) // 3), anchor="mm")
 
 
@@ -427,8 +438,9 @@ class FormulaGame(GymCardsEnv):
     def solutions(self) -> list[list[str]]:
         if self._solutions is None:
             playable = set(self.action_words)
-            self._solutions = [tokens for tokens, value in expressions(self.numbers(), playable & set(ARITHMETIC))
-                               if value == self.target and len(tokens) <= self.max_length and set(tokens) <= playable]
+            self._solutions = [
+                tokens for tokens, value in expressions(self.numbers(), playable & set(ARITHMETIC))
+                if value == self.target and len(tokens) <= self.max_length and set(tokens) <= playable]
         return self._solutions
 
     def _continue(self, plans) -> int:
@@ -503,7 +515,8 @@ def evaluate(tokens: list[str]) -> Fraction | None:
 
 
 def expressions(numbers: list[int], ops) -> list[tuple[list[str], Fraction]]:
-    """Every formula that uses each of `numbers` once, as (tokens, exact value), parenthesised only where needed."""
+    """Every formula that uses each of `numbers` once, as (tokens, exact value), parenthesised only where
+    needed."""
     @functools.lru_cache(maxsize=None)
     def build(indices):  # -> [(tokens, value, precedence of the outermost operator)]
         if len(indices) == 1:
@@ -533,8 +546,9 @@ class Blackjack(GymCardsEnv):
 
     action_words = ["stand", "hit"]
     background = "#35654d"
-    rules = ("You are playing Blackjack. The image shows the dealer's cards on top (one face down) and yours below. "
-             "Get closer to 21 than the dealer without going over: 'hit' takes a card, 'stand' ends your turn.")
+    rules = ("You are playing Blackjack. The image shows the dealer's cards on top (one face down) and yours "
+             "below. Get closer to 21 than the dealer without going over: 'hit' takes a card, 'stand' ends "
+             "your turn.")
 
     def _reset(self, seed):
         self.dealer, self.player = [self.deal(), self.deal()], [self.deal(), self.deal()]
@@ -654,7 +668,8 @@ class MiniWoBText(TextActionEnv):
     # --- the text interface -------------------------------------------------
     def elements(self) -> list[dict]:
         """The clickable elements: every real element (ref > 0; text nodes have ref < 0) but <body>."""
-        return [e for e in self.obs["dom_elements"] if e["ref"] > 0 and e["tag"] != "body"][: self.max_elements]
+        elements = [e for e in self.obs["dom_elements"] if e["ref"] > 0 and e["tag"] != "body"]
+        return elements[: self.max_elements]
 
     @property
     def action_words(self):
@@ -672,7 +687,8 @@ class MiniWoBText(TextActionEnv):
         if by_point := re.fullmatch(rf"click\(\s*x\s*={number},\s*y\s*={number}\)", text):
             x, y = float(by_point[1]), float(by_point[2])
             if x <= self.image_shape[1] and y <= self.image_shape[0]:
-                return self.inner.create_action(ActionTypes.CLICK_COORDS, coords=np.array([x, y], dtype=np.float32))
+                point = np.array([x, y], dtype=np.float32)
+                return self.inner.create_action(ActionTypes.CLICK_COORDS, coords=point)
         return None
 
     def goal(self):
@@ -682,7 +698,8 @@ class MiniWoBText(TextActionEnv):
             described = " ".join(part for part in (
                 e["tag"], f'"{e["text"]}"' if e["text"] else "", f"id={e['id']}" if e["id"] else "",
                 f"class={e['classes']}" if e["classes"] else "") if part)
-            lines.append(ascii_line(f"[{e['ref']}] {described} at x={left}..{left + width}, y={top}..{top + height}")[:160])
+            where = f"x={left}..{left + width}, y={top}..{top + height}"
+            lines.append(ascii_line(f"[{e['ref']}] {described} at {where}")[:160])
         return "\n".join(lines)
 
     def action_help(self):
@@ -707,7 +724,7 @@ class MiniWoBText(TextActionEnv):
         return self.target_index()
 
     def suboptimal_action(self):
-        """A consistent wrong click: the first other element with the target's tag, else the first other one."""
+        """A consistent wrong click: the first other element with the target's tag, else the first other."""
         elements, right = self.elements(), self.target_index()
         others = [i for i in range(len(elements)) if i != right]
         same_tag = [i for i in others if elements[i]["tag"] == elements[right]["tag"]]
@@ -721,7 +738,8 @@ def launch_miniwob(task: str):
         from miniwob.reward import get_binary_reward
     except ImportError:
         raise MissingDependency("MiniWoB++ needs its Python package: pip install miniwob==1.1.0")
-    binary = os.environ.get("MINIWOB_CHROME_BINARY") or shutil.which("chromium") or shutil.which("google-chrome")
+    binary = os.environ.get("MINIWOB_CHROME_BINARY") or shutil.which("chromium") or \
+        shutil.which("google-chrome")
     driver = os.environ.get("MINIWOB_CHROMEDRIVER") or shutil.which("chromedriver")
     if not (binary and driver):
         raise MissingDependency(BROWSER_HELP)
@@ -742,36 +760,45 @@ GYM_CARDS = {"gym_cards/NumberLine-v0": NumberLine, "gym_cards/EZPoints-v0": EZP
              "gym_cards/Points24-v0": Points24, "gym_cards/Blackjack-v0": Blackjack}
 
 
-def make_env(name: str, seed: int | None = None, **kwargs) -> TextActionEnv:
-    """Create a wrapped env from a short name or a full id; reset it if `seed` is given."""
+def env_id(name: str) -> str:
+    """The full id of a short name or full id, or a ValueError that lists the names."""
     full = SHORT_NAMES.get(name, name)
     if full.startswith("BabyAI-"):
-        import minigrid  # noqa: F401
+        import minigrid  # noqa: F401  (registers the BabyAI ids)
 
-        if full not in gym.registry:
-            raise ValueError(f"unknown BabyAI level {full!r}")
+        if full in gym.registry:
+            return full
+        raise ValueError(f"unknown BabyAI level {full!r}")
+    if full in GYM_CARDS or re.fullmatch(r"miniwob/[\w.-]+-v1", full):
+        return full
+    raise ValueError(f"unknown env {name!r}; use one of {sorted(SHORT_NAMES)} or a full id such as "
+                     "BabyAI-GoToLocal-v0 or miniwob/click-button-v1")
+
+
+def make_env(name: str, seed: int | None = None, **kwargs) -> TextActionEnv:
+    """Create a wrapped env from a short name or a full id; reset it if `seed` is given."""
+    full = env_id(name)
+    if full.startswith("BabyAI-"):
         env = BabyAIText(full, **kwargs)
     elif full in GYM_CARDS:
         env = GYM_CARDS[full](**kwargs)
-    elif re.fullmatch(r"miniwob/[\w.-]+-v1", full):
-        env = MiniWoBText(full[len("miniwob/"):-len("-v1")], **kwargs)
     else:
-        raise ValueError(f"unknown env {name!r}; use one of {sorted(SHORT_NAMES)} or a full id such as "
-                         "BabyAI-GoToLocal-v0 or miniwob/click-button-v1")
+        env = MiniWoBText(full[len("miniwob/"):-len("-v1")], **kwargs)
     if seed is not None:
         env.reset(seed=seed)
     return env
 
 
 # ---------------------------------------------------------------------------
-# Dataset collection and validation (the afsft-v1 format of DESIGN.md section 2)
+# Dataset collection and validation (the afsft dataset format; the README's "Datasets")
 # ---------------------------------------------------------------------------
-INVALID_TEXTS = ["I am not sure what to do.", "[action] jump", "[action]", "move ahead please", "[action] turn"]
+INVALID_TEXTS = ["I am not sure what to do.", "[action] jump", "[action]", "move ahead please",
+                 "[action] turn"]
 
 
 def collect_episode(env: TextActionEnv, policy: str, rng: np.random.Generator, seed: int,
                     invalid_rate: float = 0.2, expert_fraction: float = 0.3) -> dict:
-    """Run one episode of a scripted policy and return it in the afsft-v1 layout."""
+    """Run one episode of a scripted policy; its images are one uint8 [T,H,W,3] tensor (see `compress`)."""
     if policy == "mixed":
         policy = "expert" if rng.random() < expert_fraction else "suboptimal"
     obs, _ = env.reset(seed=seed)
@@ -799,8 +826,36 @@ class DatasetError(ValueError):
     """A dataset file that cannot be trained on; the message names the problem."""
 
 
+def png(image: np.ndarray) -> torch.Tensor:
+    """An image as the bytes of a PNG file in a uint8 tensor: lossless, and torch.load(weights_only=True)
+    reads it."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def turn_image(episode: dict, t: int) -> np.ndarray:
+    """Turn t's image, uint8 [H,W,3], from an episode of either layout: PNG bytes per turn, or raw pixels."""
+    image = episode["images"][t]
+    if image.ndim == 1:
+        return np.asarray(Image.open(io.BytesIO(image.numpy().tobytes())).convert("RGB"))
+    return image.numpy()
+
+
+def compress(episode: dict) -> dict:
+    """The episode with its images as PNG bytes, as a dataset file stores them."""
+    if isinstance(episode["images"], list):
+        return episode
+    return {**episode, "images": [png(image) for image in episode["images"].numpy()]}
+
+
+def save_dataset(path: str, env_name: str, episodes: list, options: dict | None = None) -> None:
+    torch.save({"format": DATASET_FORMAT, "env": env_name, "episodes": [compress(ep) for ep in episodes],
+                **({"options": options} if options else {})}, path)
+
+
 def load_dataset(path: str, env_name: str | None = None) -> dict:
-    """Load and validate an afsft-v1 file. Never unpickles code (weights_only=True)."""
+    """Load and validate a dataset file (afsft-v2, or v1). Never unpickles code (weights_only=True)."""
     try:
         data = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
@@ -813,11 +868,12 @@ def load_dataset(path: str, env_name: str | None = None) -> dict:
 
 
 def validate_dataset(data, path: str = "dataset", env_name: str | None = None) -> None:
-    if not isinstance(data, dict) or data.get("format") != DATASET_FORMAT:
-        raise DatasetError(f"{path}: format tag is not {DATASET_FORMAT!r}")
+    if not isinstance(data, dict) or data.get("format") not in DATASET_FORMATS:
+        raise DatasetError(f"{path}: format tag is not one of {', '.join(DATASET_FORMATS)}")
     if not isinstance(data.get("env"), str):
         raise DatasetError(f"{path}: field 'env' must be a string")
-    if env_name is not None and SHORT_NAMES.get(data["env"], data["env"]) != SHORT_NAMES.get(env_name, env_name):
+    same_env = SHORT_NAMES.get(data["env"], data["env"]) == SHORT_NAMES.get(env_name, env_name)
+    if env_name is not None and not same_env:
         raise DatasetError(f"{path}: collected on env {data['env']!r}, but --env is {env_name!r}")
     if not isinstance(data.get("options", {}), dict):
         raise DatasetError(f"{path}: field 'options' must be a dict")
@@ -829,15 +885,23 @@ def validate_dataset(data, path: str = "dataset", env_name: str | None = None) -
         if not isinstance(ep, dict):
             raise DatasetError(f"{where}: must be a dict")
         images = ep.get("images")
-        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
-                and images.shape[-1] == 3 and len(images) > 0):
-            raise DatasetError(f"{where}: field 'images' must be a non-empty uint8 tensor [T,H,W,3]")
+        if data["format"] == "afsft-v1":
+            if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
+                    and images.shape[-1] == 3 and len(images) > 0):
+                raise DatasetError(f"{where}: field 'images' must be a non-empty uint8 tensor [T,H,W,3]")
+        elif not (isinstance(images, list) and images and all(
+                isinstance(b, torch.Tensor) and b.dtype == torch.uint8 and b.ndim == 1
+                and bytes(b[:8].tolist()) == PNG_SIGNATURE for b in images)):
+            raise DatasetError(f"{where}: field 'images' must be a non-empty list of PNG files "
+                               "(uint8 tensors)")
         T = len(images)
         for key in ("prompts", "actions"):
-            if not (isinstance(ep.get(key), list) and len(ep[key]) == T and all(isinstance(s, str) for s in ep[key])):
+            value = ep.get(key)
+            if not (isinstance(value, list) and len(value) == T and all(isinstance(s, str) for s in value)):
                 raise DatasetError(f"{where}: field '{key}' must be a list of {T} strings")
         for key, dtype in (("rewards", torch.float32), ("valid", torch.bool)):
-            if not (isinstance(ep.get(key), torch.Tensor) and ep[key].dtype == dtype and ep[key].shape == (T,)):
+            value = ep.get(key)
+            if not (isinstance(value, torch.Tensor) and value.dtype == dtype and value.shape == (T,)):
                 raise DatasetError(f"{where}: field '{key}' must be a {dtype} tensor of shape [{T}]")
         if not torch.isfinite(ep["rewards"]).all():
             raise DatasetError(f"{where}: field 'rewards' holds NaN or inf")
@@ -846,44 +910,52 @@ def validate_dataset(data, path: str = "dataset", env_name: str | None = None) -
                 raise DatasetError(f"{where}: field '{key}' must be a bool")
 
 
-def collect(args) -> dict:
+def collect(args) -> list:
     env = make_env(args.env, scheme=args.scheme, **({"text_view": True} if args.text_view else {}))
     rng = np.random.default_rng(args.seed)
     try:
-        episodes = [collect_episode(env, args.policy, rng, seed=args.seed * 100_003 + i, invalid_rate=args.invalid_rate,
-                                    expert_fraction=args.expert_fraction) for i in range(args.episodes)]
+        episodes = [collect_episode(env, args.policy, rng, seed=args.seed * 100_003 + i,
+                                    invalid_rate=args.invalid_rate, expert_fraction=args.expert_fraction)
+                    for i in range(args.episodes)]
     finally:
         env.close()
     returns = [float(ep["rewards"].sum()) for ep in episodes]
-    solved = [ep["terminated"] and float(ep["rewards"][-1]) > 0 for ep in episodes]  # info["solved"] at the end
-    print(f"{args.episodes} episodes of {args.policy} on {args.env}: success {np.mean([env.success(r) for r in returns]):.2f} "
-          f"(return > 0), solved {np.mean(solved):.2f} (ended on a winning reward), mean return {np.mean(returns):.3f}, "
-          f"valid actions {torch.cat([e['valid'] for e in episodes]).float().mean():.2f}")
-    return {"format": DATASET_FORMAT, "env": args.env, "episodes": episodes,
-            "options": {"scheme": args.scheme, "text_view": args.text_view}}  # the prompt's form, checked by afsft.py
+    # info["solved"] at the end
+    solved = [ep["terminated"] and float(ep["rewards"][-1]) > 0 for ep in episodes]
+    success = np.mean([env.success(r) for r in returns])
+    valid = torch.cat([e["valid"] for e in episodes]).float().mean()
+    print(f"{args.episodes} episodes of {args.policy} on {args.env}: success {success:.2f} (return > 0), "
+          f"solved {np.mean(solved):.2f} (ended on a winning reward), mean return {np.mean(returns):.3f}, "
+          f"valid actions {valid:.2f}")
+    return episodes
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("collect", help="run a scripted policy and save an afsft-v1 dataset")
+    c = sub.add_parser("collect", help="run a scripted policy and save a dataset")
     c.add_argument("--env", default="babyai", help="short name or full id (default: babyai)")
     c.add_argument("--policy", default="mixed", choices=["random", "expert", "suboptimal", "mixed"])
-    c.add_argument("--expert-fraction", type=float, default=0.3, help="mixed: chance an episode is expert (default: 0.3)")
-    c.add_argument("--invalid-rate", type=float, default=0.2, help="suboptimal: chance of invalid text per turn (default: 0.2)")
+    c.add_argument("--expert-fraction", type=float, default=0.3,
+                   help="mixed: chance an episode is expert (default: 0.3)")
+    c.add_argument("--invalid-rate", type=float, default=0.2,
+                   help="suboptimal: chance of invalid text per turn (default: 0.2)")
     c.add_argument("--episodes", type=int, default=300, help="number of episodes (default: 300)")
     c.add_argument("--seed", type=int, default=0, help="seed of episodes and policies (default: 0)")
     c.add_argument("--scheme", default="tag", choices=sorted(SCHEMES), help="prompting scheme (default: tag)")
-    c.add_argument("--text-view", action="store_true", help="also describe the image in the prompt (BabyAI, cards)")
+    c.add_argument("--text-view", action="store_true",
+                   help="also describe the image in the prompt (BabyAI, cards)")
     c.add_argument("--out", default="data.pt", help="output file (default: data.pt)")
     args = parser.parse_args(argv)
     if args.episodes < 1 or not 0 <= args.expert_fraction <= 1 or not 0 <= args.invalid_rate <= 1:
         parser.error("--episodes must be >= 1 and --expert-fraction, --invalid-rate in [0, 1]")
     try:
-        data = collect(args)
+        episodes = collect(args)
     except (ValueError, MissingDependency) as err:
         parser.exit(2, f"envs.py: error: {err}\n")
-    torch.save(data, args.out)
+    # the prompt's form goes with the data: afsft.py checks that it trains and evaluates on the same form
+    save_dataset(args.out, args.env, episodes, options={"scheme": args.scheme, "text_view": args.text_view})
     print(f"wrote {args.out}")
 
 

@@ -5,20 +5,24 @@ Decision-Making" (Grigsby, Zhu, Ryoo, Niebles, 2025). A VLM with LoRA adapters
 gets a second output head, a critic Q(s, .) over the vocabulary, learned by
 TD; the policy imitates only the response tokens whose advantage is positive.
 With `--filter none` it is plain SFT. The equations cited as (1)-(5) are
-written out in DESIGN.md section 1 and in the README.
+written out in the README's method section.
+
+The file reads in the order of the method: the flags, the model (VLM, LoRA,
+two heads), the encoding of turns, the buffer, the losses, the rollout, one
+gradient step, and the train loop.
 
     python envs.py collect --env babyai --policy mixed --expert-fraction 0.3 --episodes 300 --out data.pt
     python afsft.py --env babyai --offline data.pt --out runs/afsft
     python afsft.py --env babyai --offline data.pt --out runs/sft --filter none   # the SFT baseline
-    torchrun --standalone --nproc_per_node=4 afsft.py --env babyai --offline data.pt --model Qwen/Qwen2-VL-2B-Instruct --dtype bf16
+    torchrun --standalone --nproc_per_node=4 afsft.py --env babyai --offline data.pt \\
+        --model Qwen/Qwen2-VL-2B-Instruct --dtype bf16
 """
+
 import argparse
 import copy
-import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -31,148 +35,144 @@ from tqdm import tqdm
 import envs
 
 
-# --- Args: every hyperparameter is a documented flag. ---------------------------------------------------------------
+# --- Args: every hyperparameter is a documented flag. -------------------------------------------------------
 def flag(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class Args:
-    env: str = flag("babyai", "short name (babyai, ...) or a full id such as BabyAI-GoToLocal-v0")
-    offline: str = flag("", "afsft-v1 dataset that fills the buffer before the offline steps")
-    out: str = flag("runs/afsft", "run directory: metrics.jsonl, eval.json, checkpoint/")
-    resume: str = flag("", "continue the run saved in this directory, with its flags but those given again")
-    model: str = flag("tiny", "'tiny' (built offline) or a hub id / path of an image-text-to-text model")
-    finetune: str = flag("auto", "lora: adapters on the language model; full: every weight; auto: full for tiny",
-                         choices=["auto", "lora", "full"])
+    # the method, as the paper has it
+    filter: str = flag("binary", "advantage filter f(A): binary 1[A>0], exp min(exp(beta A), w_max), "
+                       "none = SFT", choices=["binary", "exp", "none"])
+    beta: float = flag(1.0, "temperature of the exp filter")
+    max_weight: float = flag(20.0, "w_max, the cap of the exp filter")
+    gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
+    tau: float = flag(0.005, "EMA rate of the target critic head")
+    critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
+    # our additions for a robust critic
+    sft_warmup: float = flag(0.2, "fraction of the offline steps trained with the filter off")
+    mc_mix: float = flag(0.0, "lambda: each token's target in turn t becomes (1-lambda) TD + lambda G_t, "
+                         "G_t the episode's Monte-Carlo return; 0 is pure TD (truncated episodes use TD)")
+    # the model
+    model: str = flag("tiny", "'tiny' (the pretrained base in tiny_vlm/base) or a hub id / path of an "
+                      "image-text-to-text model")
+    finetune: str = flag("lora", "lora: adapters on the language model; full: every weight",
+                         choices=["lora", "full"])
     lora_rank: int = flag(16, "LoRA rank")
     critic_head: str = flag("lowrank", "Q = W_lm h + B(A h) + b with W_lm frozen (lowrank), or a full head",
                             choices=["lowrank", "full"])
     critic_rank: int = flag(32, "rank of the low-rank critic delta")
-    critic_init: str = flag("auto", "start the critic's W from the language head (lm) or from zero; auto: lm for a "
-                            "pretrained model, zero for tiny, whose random language head says nothing",
-                            choices=["auto", "lm", "zero"])
-    filter: str = flag("binary", "advantage filter f(A): binary 1[A>0], exp min(exp(beta A), w_max), none = SFT",
-                       choices=["binary", "exp", "none"])
-    beta: float = flag(1.0, "temperature of the exp filter")
-    max_weight: float = flag(20.0, "w_max, the cap of the exp filter")
-    sft_warmup: float = flag(0.2, "fraction of the offline steps trained with the filter off")
-    gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
-    tau: float = flag(0.005, "EMA rate of the target critic head")
-    mc_mix: float = flag(0.0, "lambda: every token's target of turn t becomes (1-lambda) TD + lambda G_t, G_t the "
-                         "episode's Monte-Carlo return; 0 is pure TD (truncated episodes always use TD)")
-    critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
+    critic_init: str = flag("lm", "start the critic's W from the language head (lm) or from zero",
+                            choices=["lm", "zero"])
+    # optimisation
     lr: float = flag(1e-3, "AdamW learning rate")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "max gradient norm")
     batch_turns: int = flag(32, "turns per gradient step")
     run_length: int = flag(8, "consecutive turns of one episode sampled together (they bootstrap each other)")
     offline_steps: int = flag(1000, "gradient steps on the buffer before any interaction")
-    online_steps: int = flag(0, "online rounds: collect --rollout-len turns per env, then --updates-per-round steps")
+    # online
+    online_rounds: int = flag(0, "online rounds: collect --rollout-len turns per env, then take "
+                              "--updates-per-round gradient steps")
     num_envs: int = flag(8, "environments stepped in parallel (one batched generate per turn)")
     rollout_len: int = flag(16, "turns per env per online round")
     updates_per_round: int = flag(8, "gradient steps per online round")
     temperature: float = flag(1.0, "sampling temperature of online rollouts")
     max_new_tokens: int = flag(24, "longest response, in tokens (longer dataset responses are cut)")
-    eval_episodes: int = flag(50, "greedy evaluation episodes at the end")
-    eval_every: int = flag(0, "also evaluate every N steps (0: only at the end)")
-    eval_temperature: float = flag(0.0, "0 decodes greedily")
+    # the env and its prompt
+    env: str = flag("babyai", "short name (babyai, ...) or a full id such as BabyAI-GoToLocal-v0")
     scheme: str = flag("tag", "prompting scheme of the env: [action] tag or JSON", choices=["tag", "json"])
     invalid_penalty: float = flag(0.1, "reward penalty for a response that is not a valid action")
     history: int = flag(0, "list this many recent actions in the prompt")
-    text_view: bool = flag(False, "also describe the image in words in the prompt (BabyAI, cards; collect the same way)")
-    image_size: int = flag(56, "tiny model: square image side fed to the vision tower")
+    text_view: bool = flag(False, "also describe the image in words in the prompt (BabyAI, cards; collect "
+                           "the same way)")
+    # the run and its files
+    offline: str = flag("", "afsft dataset that fills the buffer before the offline steps")
+    out: str = flag("runs/afsft", "run directory: metrics.jsonl, eval.json, checkpoint/")
+    resume: str = flag("", "continue the run saved in this directory, with its flags but those given again")
     seed: int = flag(0, "seed of the model, sampling and environments")
+    eval_episodes: int = flag(50, "greedy evaluation episodes at the end")
+    eval_every: int = flag(0, "also evaluate every N steps (0: only at the end)")
+    eval_temperature: float = flag(0.0, "0 decodes greedily")
     log_every: int = flag(25, "write a metrics.jsonl line every N steps")
     save_every: int = flag(500, "write the checkpoint every N steps (and at the end)")
     save_buffer: bool = flag(False, "also save the online episodes with the checkpoint")
+    # systems
     device: str = flag("auto", "cpu, cuda, or auto")
-    dtype: str = flag("fp32", "VLM weights in bf16 (GPU) or fp32; the critic head and losses stay fp32", choices=["fp32", "bf16"])
-    gradient_checkpointing: bool = flag(False, "recompute the VLM's activations in backward: less memory, more time")
+    dtype: str = flag("fp32", "VLM weights in bf16 (GPU) or fp32; the critic head and losses stay fp32",
+                      choices=["fp32", "bf16"])
+    gradient_checkpointing: bool = flag(False, "recompute the VLM's activations in backward: less memory, "
+                                        "more time")
 
 
-def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        kind = type(f.default)
-        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                            help=f"{f.metadata['help']} (default: {f.default})", **extra)
-    given = vars(parser.parse_args(argv))  # only the flags on the command line
-    if given.get("resume"):  # a resumed run keeps its own flags, except those given again
-        saved = saved_state(given["resume"], mmap=True)["args"]  # mmap: the flags, not the tensors, are read
-        given = {**{f.name: saved[f.name] for f in fields(Args) if f.name in saved}, **given}
-    args = Args(**given)
-    problems = [name for name, ok in [
-        ("--gamma in [0, 1]", 0 <= args.gamma <= 1), ("--tau in (0, 1]", 0 < args.tau <= 1),
-        ("--mc-mix in [0, 1]", 0 <= args.mc_mix <= 1), ("--sft-warmup in [0, 1]", 0 <= args.sft_warmup <= 1),
-        ("--lr > 0", args.lr > 0), ("--batch-turns, --run-length, --num-envs, --max-new-tokens >= 1",
-                                    min(args.batch_turns, args.run_length, args.num_envs, args.max_new_tokens) >= 1),
-        ("--offline-steps, --online-steps, --eval-episodes >= 0",
-         min(args.offline_steps, args.online_steps, args.eval_episodes) >= 0),
-        ("--offline needs a file when --offline-steps > 0", args.offline or args.resume or args.offline_steps == 0),
-    ] if not ok]
-    if problems:
-        parser.error("expected " + "; ".join(problems))
-    return args
+def check_args(args: Args):
+    """The first thing wrong with the flags, or None."""
+    try:
+        envs.env_id(args.env)
+    except ValueError as err:
+        return f"--env: {err}"
+    if not (0 <= args.gamma <= 1 and 0 <= args.mc_mix <= 1 and 0 <= args.sft_warmup <= 1):
+        return "--gamma, --mc-mix and --sft-warmup must be in [0, 1]"
+    if not (0 < args.tau <= 1 and args.lr > 0):
+        return "--tau must be in (0, 1] and --lr > 0"
+    if min(args.batch_turns, args.run_length, args.num_envs, args.max_new_tokens) < 1:
+        return "--batch-turns, --run-length, --num-envs and --max-new-tokens must be >= 1"
+    if min(args.offline_steps, args.online_rounds, args.eval_episodes) < 0:
+        return "--offline-steps, --online-rounds and --eval-episodes must be >= 0"
+    if args.offline_steps > 0 and not (args.offline or args.resume):
+        return "--offline needs a dataset when --offline-steps > 0 (--offline-steps 0 trains online only)"
+    return None
 
 
 def fail(message):
     sys.exit(f"afsft.py: error: {message}")
 
 
-# --- Model: a VLM trunk (LoRA or full), its language head (the policy), a critic head Q(s, .) and its EMA target ----
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] is string %}{{ m['content'] }}"
-                 "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}"
-                 "{% endif %}{% endfor %}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+def saved_state(run, mmap=False):
+    path = os.path.join(run, "checkpoint", "state.pt")
+    if not os.path.exists(path):
+        fail(f"--resume {run}: no checkpoint at {path}")
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except Exception as err:
+        fail(f"--resume {run}: unreadable checkpoint ({str(err).splitlines()[0][:200]})")
 
 
-def build_tiny_vlm(corpus, image_size, path):
-    """A real LLaVA (SigLIP tower + Llama text model) with a byte-level BPE tokenizer fitted to `corpus`. Random
-    weights, nothing downloaded. It is saved to `path`, so that it loads exactly like a pretrained model does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                              PreTrainedTokenizerFast, SiglipVisionConfig)
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<pad>", "<|end|>", "<image>", "<|user|>", "<|assistant|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<|end|>")
-    processor = LlavaProcessor(image_processor=SiglipImageProcessorPil(size={"height": image_size, "width": image_size}),
-                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="full",
-                               chat_template=CHAT_TEMPLATE)
-    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=image_size, patch_size=8)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=3,
-                       num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_select_strategy="full",
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-                         projector_hidden_act="gelu")
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    processor.save_pretrained(path)
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Args):
+        kind = type(f.default)
+        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                            choices=f.metadata.get("choices"),
+                            help=f"{f.metadata['help']} (default: {f.default})", **extra)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    if given.get("resume"):  # a resumed run keeps its own flags, except those given again
+        saved = saved_state(given["resume"], mmap=True)["args"]  # mmap: the flags, not the tensors, are read
+        given = {**{f.name: saved[f.name] for f in fields(Args) if f.name in saved}, **given}
+    args = Args(**given)
+    problem = check_args(args)
+    if problem:
+        parser.error(problem)
+    return args
 
 
-def tiny_corpus(env, dataset):
-    """Text the tiny tokenizer is fitted to: the env's prompts and actions, and the dataset's."""
-    corpus = []
-    for seed in range(20):  # action words can depend on the state (MiniWoB's element refs)
-        corpus += [env.reset(seed=seed)[0]["prompt"]] + [envs.format_response(a, env.scheme) for a in env.action_words] * 3
-    for ep in (dataset or {}).get("episodes", [])[:200]:
-        corpus += ep["prompts"][:5] + ep["actions"]
-    return corpus
+# --- Model: a VLM trunk (LoRA or full), its language head (the policy), a critic head Q(s, .) -------------
+# The default VLM: a tiny LLaVA pretrained on the envs' renders by tiny_vlm/pretrain.py (captions and generic
+# instructions, never an env's actions). It can see, but it does not know the tasks or their action syntax.
+TINY_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_vlm", "base")
 
 
 class CriticHead(nn.Module):
     """Q(s, a) for every token a. lowrank: Q = W_lm h + B(A h) + b, with W_lm a frozen copy of the
-    language head, so the trainable part is d*r + r*|V| + |V| instead of d*|V| (DESIGN.md section 1)."""
+    language head, so the trainable part is d*r + r*|V| + |V| instead of d*|V|."""
 
     def __init__(self, lm_head: nn.Linear, kind: str, rank: int, init: str = "lm"):
         super().__init__()
-        self.base = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False).requires_grad_(kind == "full")
+        self.base = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
+        self.base.requires_grad_(kind == "full")
         self.base.weight.data.copy_(lm_head.weight.data.float() if init == "lm" else 0.0)
         self.down = nn.Linear(lm_head.in_features, rank, bias=False) if kind == "lowrank" else None
         self.up = nn.Linear(rank, lm_head.out_features) if kind == "lowrank" else None
@@ -191,11 +191,13 @@ class Agent(nn.Module):
         super().__init__()
         self.policy, self.processor = policy, processor  # policy: the VLM, peft-wrapped under LoRA
         self.vlm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        self.critic = CriticHead(self.vlm.get_output_embeddings(), args.critic_head, args.critic_rank, args.critic_init)
+        self.critic = CriticHead(self.vlm.get_output_embeddings(), args.critic_head, args.critic_rank,
+                                 args.critic_init)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
 
     def features(self, inputs, state_mask):
-        """Hidden states at the response's states only: heads over the prompt and image tokens would fill the memory."""
+        """Hidden states at the response's states only: heads over the prompt and image tokens would fill the
+        memory."""
         return self.vlm.model(**inputs, use_cache=False).last_hidden_state[state_mask]
 
     @torch.no_grad()
@@ -205,7 +207,7 @@ class Agent(nn.Module):
 
 
 def load_agent(args: Args, model_path: str, policy_dir: str = ""):
-    """Load a VLM through the Auto classes, add LoRA on its language model (or train it all), and the heads."""
+    """Load a VLM through the Auto classes, add LoRA on its language model (or train it all) and the heads."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -213,43 +215,47 @@ def load_agent(args: Args, model_path: str, policy_dir: str = ""):
         processor = AutoProcessor.from_pretrained(model_path)
     except ImportError as err:  # transformers 5 builds Qwen2-VL's video processor on torchvision
         fail(f"--model {model_path}: {str(err).strip().splitlines()[0]} (pip install torchvision)")
-    vlm = AutoModelForImageTextToText.from_pretrained(policy_dir if args.finetune == "full" and policy_dir else model_path,
-                                                      dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    weights = policy_dir if args.finetune == "full" and policy_dir else model_path
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    vlm = AutoModelForImageTextToText.from_pretrained(weights, dtype=dtype)
     if args.gradient_checkpointing:  # non-reentrant: the frozen embeddings need no requires_grad hook
         vlm.activation_checkpointing_enable()
     if args.finetune == "lora":
         vlm.requires_grad_(False)
         if policy_dir:
             vlm = PeftModel.from_pretrained(vlm, policy_dir, is_trainable=True)
-        else:  # every linear layer of the language model (the decoder): none of the vision tower, projector, lm_head
+        # every linear layer of the language model (the decoder): none of the vision tower, projector, lm_head
+        else:
             decoder = set(map(id, vlm.get_decoder().modules()))
             names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear) and id(m) in decoder]
-            vlm = get_peft_model(vlm, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=names))
-    if args.critic_init == "auto":  # the language head is a useful prior for Q only when it was pretrained
-        args.critic_init = "zero" if args.model == "tiny" else "lm"
+            lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=names)
+            vlm = get_peft_model(vlm, lora)
     return Agent(vlm, processor, args)
 
 
-# --- Encoding: (image, prompt) through the family's chat template; a response ends in its end-of-turn token ---------
-# What differs between VLM families, by processor class. "end": the token closing an assistant turn, which the agent
-# learns to write and generation stops at (default: EOS). "prompt": the text format where there is no chat template.
+# --- Encoding: (image, prompt) in the family's chat template; a response ends in its end-of-turn token ----
+# What differs between VLM families, by processor class. "end": the token closing an assistant turn, which
+# the agent learns to write and generation stops at (default: EOS). "prompt": the text format where there is
+# no chat template (PaliGemma's processor adds "<bos>" and the "\n" ending the prefix).
 FAMILIES = {
     "LlavaProcessor": {},                                # "USER: <image>\n... ASSISTANT:" then EOS
     "Idefics3Processor": {"end": "<end_of_utterance>"},  # Idefics3 and SmolVLM
     "Qwen2VLProcessor": {"end": "<|im_end|>"},           # ChatML
-    "PaliGemmaProcessor": {"prompt": "<image>{}"},       # the processor adds "<bos>" and the "\n" ending the prefix
+    "PaliGemmaProcessor": {"prompt": "<image>{}"},
 }
 
 
 def end_token_id(processor):
     tokenizer = processor.tokenizer
-    return tokenizer.convert_tokens_to_ids(FAMILIES.get(type(processor).__name__, {}).get("end", tokenizer.eos_token))
+    end = FAMILIES.get(type(processor).__name__, {}).get("end", tokenizer.eos_token)
+    return tokenizer.convert_tokens_to_ids(end)
 
 
 def encode(processor, images, prompts, responses=None, max_response_tokens=24):
-    """Model inputs for a batch of turns. Without responses: the prompts, left-padded for `generate`. With them:
-    prompt + response + end-of-turn token, right-padded; `state_mask`, the positions whose hidden state predicts a
-    response token (the states s_1..s_l of the token-level MDP); the tokens y_1..y_l; and each turn's length l."""
+    """Model inputs for a batch of turns. Without responses: the prompts, left-padded for `generate`. With
+    them: prompt + response + end-of-turn token, right-padded; `state_mask`, the positions whose hidden
+    state predicts a response token (the states s_1..s_l of the token-level MDP); the tokens y_1..y_l; and
+    each turn's length l."""
     tokenizer, family = processor.tokenizer, FAMILIES.get(type(processor).__name__, {})
     chats = [family["prompt"].format(p) if "prompt" in family else processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
@@ -261,14 +267,18 @@ def encode(processor, images, prompts, responses=None, max_response_tokens=24):
     inputs.pop("labels", None)  # PaliGemma's processor adds training labels; the losses build their own
     if responses is None:
         return inputs
-    ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    # Only the first max_response_tokens tokens are kept, so cut the text first (at 32 characters a token,
+    # more than any tokenizer's tokens hold): a dataset's 1 MB response must not stall the tokenizer.
+    ids = tokenizer([r[: 32 * max_response_tokens] for r in responses], add_special_tokens=False)["input_ids"]
     ids = [r[:max_response_tokens - 1] + [end_token_id(processor)] for r in ids]
     prompt_lengths = inputs["attention_mask"].sum(1).tolist()
     width = max(p + len(r) for p, r in zip(prompt_lengths, ids))
     # the per-token inputs grow to the new width. The response is text (mm_token_type_ids 0), and in
     # PaliGemma the suffix (token_type_ids 1): the prompt attends both ways, the response causally.
-    after_prompt = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 1, "mm_token_type_ids": 0}
-    grown = {k: torch.full((len(ids), width), v, dtype=inputs[k].dtype) for k, v in after_prompt.items() if k in inputs}
+    after_prompt = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 1,
+                    "mm_token_type_ids": 0}
+    grown = {k: torch.full((len(ids), width), v, dtype=inputs[k].dtype)
+             for k, v in after_prompt.items() if k in inputs}
     state_mask = torch.zeros(len(ids), width, dtype=torch.bool)
     for b, (p, r) in enumerate(zip(prompt_lengths, ids)):
         for key, tensor in grown.items():
@@ -277,17 +287,19 @@ def encode(processor, images, prompts, responses=None, max_response_tokens=24):
         grown["attention_mask"][b, :p + len(r)] = 1
         state_mask[b, p - 1:p - 1 + len(r)] = True  # the state before token j is position p-1+j
     inputs.update(grown)
-    return inputs, state_mask, inputs["input_ids"][:, 1:][state_mask[:, :-1]], torch.tensor([len(r) for r in ids])
+    tokens = inputs["input_ids"][:, 1:][state_mask[:, :-1]]
+    return inputs, state_mask, tokens, torch.tensor([len(r) for r in ids])
 
 
-# --- Buffer: whole episodes in memory, sampled as runs of consecutive turns. ----------------------------------------
+# --- Buffer: whole episodes in memory, sampled as runs of consecutive turns. --------------------------------
 class Buffer:
     def __init__(self, episodes=(), gamma=0.9):
         self.episodes, self.gamma = list(episodes), gamma
 
     def sample(self, rng, batch_turns, run_length):
-        """Runs of up to `run_length` consecutive turns, episodes weighted by length. A turn's bootstrap value then
-        comes from its successor's forward pass in the same batch; only a run's last turn needs an extra no-grad one."""
+        """Runs of up to `run_length` consecutive turns, episodes weighted by length. A turn's bootstrap value
+        then comes from its successor's forward pass in the same batch; only a run's last turn needs an
+        extra no-grad one."""
         lengths = np.array([len(ep["actions"]) for ep in self.episodes])
         turns, successors = [], []
         while len(turns) < batch_turns:
@@ -302,22 +314,24 @@ class Buffer:
     def collate(self, turns, successors):
         eps = self.episodes
         batch = {key: [eps[e][key][t] for e, t, _ in turns] for key in ("prompts", "actions")}
-        batch["images"] = [eps[e]["images"][t].numpy() for e, t, _ in turns]
+        batch["images"] = [envs.turn_image(eps[e], t) for e, t, _ in turns]
         batch["rewards"] = torch.stack([eps[e]["rewards"][t] for e, t, _ in turns])
-        batch["done"] = torch.tensor([t == len(eps[e]["actions"]) - 1 and eps[e]["terminated"] for e, t, _ in turns])
+        batch["done"] = torch.tensor([t == len(eps[e]["actions"]) - 1 and eps[e]["terminated"]
+                                      for e, t, _ in turns])
         # G_t = sum_k gamma^k r_{t+k}, the Monte-Carlo return of the episode's rest; known when it terminated
-        batch["returns"] = torch.stack([(eps[e]["rewards"][t:] * self.gamma ** torch.arange(len(eps[e]["rewards"]) - t)).sum()
-                                        for e, t, _ in turns])
+        batch["returns"] = torch.stack([
+            (eps[e]["rewards"][t:] * self.gamma ** torch.arange(len(eps[e]["rewards"]) - t)).sum()
+            for e, t, _ in turns])
         batch["has_return"] = torch.tensor([eps[e]["terminated"] for e, _, _ in turns])
         # where turn i's successor value lives: the next turn in the batch, a bootstrap prompt, or nowhere
         batch["next_in_batch"] = torch.tensor([nxt for _, _, nxt in turns])
         batch["boot_of"] = torch.tensor([i for i, _, _ in successors], dtype=torch.long)
-        batch["boot_images"] = [eps[e]["images"][t].numpy() for _, e, t in successors]
+        batch["boot_images"] = [envs.turn_image(eps[e], t) for _, e, t in successors]
         batch["boot_prompts"] = [eps[e]["prompts"][t] for _, e, t in successors]
         return batch
 
 
-# --- Losses: pure functions of tensors. -----------------------------------------------------------------------------
+# --- Losses: pure functions of tensors. ---------------------------------------------------------------------
 # Token n of the flattened batch is the state s_j of some turn; `is_last` marks j = l, the turn's final token.
 def state_values(logits, q):
     """(2) V(s) = sum_a pi(a|s) Q(s, a), the exact expectation over the vocabulary."""
@@ -355,42 +369,20 @@ def actor_loss(logp_taken, weights, turn_lengths):
     return torch.stack([t.sum() / len(t) for t in per_turn]).mean()
 
 
-def afsft_loss(agent, batch, args: Args, use_filter: bool, device):
-    """The loss of one batch of turns. With --filter none only the first block runs: that is SFT."""
-    inputs, state_mask, tokens, turn_lengths = encode(agent.processor, batch["images"], batch["prompts"],
-                                                      batch["actions"], args.max_new_tokens)
-    h = agent.features(inputs.to(device), state_mask.to(device))
-    tokens = tokens.to(device)
-    logits = agent.vlm.get_output_embeddings()(h).float()
-    logp_taken = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
-    if args.filter == "none":
-        loss = actor_loss(logp_taken, torch.ones_like(logp_taken), turn_lengths)
-        return loss, {"loss": loss.item(), "actor_loss": loss.item()}
-
-    # --- the lines that make SFT into AFSFT -------------------------------------------------
-    q = agent.critic(h.float())
-    q_taken = q.gather(1, tokens[:, None])[:, 0]
-    with torch.no_grad():
-        advantage = q_taken - state_values(logits.detach(), q)                       # (1), (2)
-        v_bar = state_values(logits.detach(), agent.target(h.detach().float()))      # Vbar, from the EMA head
-        is_last, v_next, has_target = next_turn_values(agent, batch, v_bar, turn_lengths, device)
-        not_done = (~batch["done"]).float().to(device)
-        targets = td_targets(v_bar, is_last, batch["rewards"].to(device), args.gamma, not_done, v_next,  # (3)
-                             batch["returns"].to(device), args.mc_mix * batch["has_return"].float().to(device))
-    weights = filter_weights(advantage, args.filter, args.beta, args.max_weight) if use_filter \
-        else torch.ones_like(advantage)                                              # warm-up: f = 1
-    actor, critic = actor_loss(logp_taken, weights, turn_lengths), critic_loss(q_taken, targets, has_target)
-    loss = actor + args.critic_coef * critic                                         # (5) + c (4)
-    return loss, {"loss": loss.item(), "actor_loss": actor.item(), "critic_loss": critic.item(),
-                  "filter_kept": weights.mean().item(), "positive_advantage": (advantage > 0).float().mean().item(),
-                  "mean_advantage": advantage.mean().item(),
-                  "td_error": ((q_taken - targets).abs() * has_target).sum().item() / has_target.sum().clamp(min=1).item()}
+@torch.no_grad()
+def bootstrap_values(agent, batch, device):
+    """Vbar at the first state of the turn after each run: one extra no-grad forward over its prompt, the only
+    compute AFSFT adds over SFT besides the critic head."""
+    inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
+    h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
+    return state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
 
 
 @torch.no_grad()
 def next_turn_values(agent, batch, v_bar, turn_lengths, device):
-    """Per turn, Vbar(s_{t+1,1}) of the next turn's first state, from the next row of the batch or `bootstrap_values`.
-    Also which tokens end a turn, and which have a target (a truncated episode's last turn has no successor)."""
+    """Per turn, Vbar(s_{t+1,1}) of the next turn's first state, from the next row of the batch or
+    `bootstrap_values`. Also which tokens end a turn, and which have a target (a truncated episode's last
+    turn has no successor)."""
     ends = turn_lengths.cumsum(0).to(device)
     is_last = torch.zeros(int(ends[-1]), dtype=torch.bool, device=device)
     is_last[ends - 1] = True
@@ -406,48 +398,91 @@ def next_turn_values(agent, batch, v_bar, turn_lengths, device):
     return is_last, v_next, has_target
 
 
-@torch.no_grad()
-def bootstrap_values(agent, batch, device):
-    """Vbar at the first state of the turn after each run: one extra no-grad forward over its prompt, the only
-    compute AFSFT adds over SFT besides the critic head."""
-    inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
-    h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
-    return state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
+def afsft_loss(agent, batch, args: Args, warmup: bool, device):
+    """The loss of one batch of turns. With --filter none only the first block runs: that is SFT.
+    During the filter's warm-up the critic learns but f = 1, so the policy's loss is SFT's."""
+    inputs, state_mask, tokens, turn_lengths = encode(agent.processor, batch["images"], batch["prompts"],
+                                                      batch["actions"], args.max_new_tokens)
+    h = agent.features(inputs.to(device), state_mask.to(device))
+    tokens = tokens.to(device)
+    logits = agent.vlm.get_output_embeddings()(h).float()
+    logp_taken = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    if args.filter == "none":
+        loss = actor_loss(logp_taken, torch.ones_like(logp_taken), turn_lengths)
+        return loss, {"losses/total": loss.item(), "losses/actor": loss.item()}
+
+    # --- the lines that make SFT into AFSFT -------------------------------------------------
+    q = agent.critic(h.float())
+    q_taken = q.gather(1, tokens[:, None])[:, 0]
+    with torch.no_grad():
+        advantage = q_taken - state_values(logits.detach(), q)  # (1), (2)
+        v_bar = state_values(logits.detach(), agent.target(h.detach().float()))  # Vbar, from the EMA head
+        is_last, v_next, has_target = next_turn_values(agent, batch, v_bar, turn_lengths, device)
+        not_done = (~batch["done"]).float().to(device)
+        mc_weight = args.mc_mix * batch["has_return"].float().to(device)
+        targets = td_targets(v_bar, is_last, batch["rewards"].to(device), args.gamma, not_done, v_next,  # (3)
+                             batch["returns"].to(device), mc_weight)
+    weights = filter_weights(advantage, args.filter, args.beta, args.max_weight)
+    if warmup:  # f = 1 while the critic first learns
+        weights = torch.ones_like(advantage)
+    actor, critic = actor_loss(logp_taken, weights, turn_lengths), critic_loss(q_taken, targets, has_target)
+    loss = actor + args.critic_coef * critic  # (5) + c (4)
+    td_error = ((q_taken - targets).abs() * has_target).sum().item() / has_target.sum().clamp(min=1).item()
+    return loss, {"losses/total": loss.item(), "losses/actor": actor.item(), "losses/critic": critic.item(),
+                  "critic/filter_kept": weights.mean().item(),
+                  "critic/positive_advantage": (advantage > 0).float().mean().item(),
+                  "critic/mean_advantage": advantage.mean().item(), "critic/td_error": td_error}
 
 
-# --- Rollout: one batched generate per turn over --num-envs environments. -------------------------------------------
+# --- Rollout: one batched generate per turn over --num-envs environments. -----------------------------------
 @torch.no_grad()
-def act(agent, observations, temperature, max_new_tokens, device):
-    inputs = encode(agent.processor, [o["image"] for o in observations], [o["prompt"] for o in observations]).to(device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
-    tokenizer = agent.processor.tokenizer  # stop at the family's end of turn (or a stray EOS); reuse the KV cache
-    out = agent.policy.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                                eos_token_id=[end_token_id(agent.processor), tokenizer.eos_token_id], **sampling)
+def generate(agent, images, prompts, temperature, max_new_tokens, device):
+    """The agent's responses to a batch of (image, prompt): one batched generate, greedy at temperature 0."""
+    inputs = encode(agent.processor, images, prompts).to(device)
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0}
+    # stop at the family's end of turn (or a stray EOS); reuse the KV cache
+    tokenizer = agent.processor.tokenizer
+    stop = [end_token_id(agent.processor), tokenizer.eos_token_id]
+    out = agent.policy.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                use_cache=True, eos_token_id=stop, **sampling)
     return agent.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def make_env(args: Args):
+    return envs.make_env(args.env, scheme=args.scheme, invalid_penalty=args.invalid_penalty,
+                         history=args.history, **({"text_view": True} if args.text_view else {}))
+
+
 class Rollout:
-    """--num-envs envs stepped together; finished episodes come out in the afsft-v1 layout."""
+    """--num-envs envs stepped together; finished episodes come out in the dataset's episode layout."""
 
     def __init__(self, args: Args, seed: int):
-        self.envs = [make(args) for _ in range(args.num_envs)]
+        self.envs = [make_env(args) for _ in range(args.num_envs)]
         self.seeds = iter(range(seed, 2**31))
-        self.episode_seeds = [next(self.seeds) for _ in self.envs]  # each env's open episode was reset with this
+        # each env's open episode was reset with this
+        self.episode_seeds = [next(self.seeds) for _ in self.envs]
         self.obs = [env.reset(seed=s)[0] for env, s in zip(self.envs, self.episode_seeds)]
-        self.turns = [[] for _ in self.envs]  # each env's open episode: (image, prompt, action, reward, valid) per turn
+        # each open episode: (image, prompt, action, reward, valid) per turn
+        self.turns = [[] for _ in self.envs]
 
     def step(self, agent, args: Args, temperature, device):
+        """One turn in every env; returns the episodes that this turn finished."""
         finished = []
-        responses = act(agent, self.obs, temperature, args.max_new_tokens, device)
+        images, prompts = [o["image"] for o in self.obs], [o["prompt"] for o in self.obs]
+        responses = generate(agent, images, prompts, temperature, args.max_new_tokens, device)
         for i, (env, response) in enumerate(zip(self.envs, responses)):
-            image, prompt = torch.tensor(self.obs[i]["image"]), self.obs[i]["prompt"]  # a copy: env images may be read-only
+            # a copy: env images may be read-only
+            image, prompt = torch.tensor(self.obs[i]["image"]), self.obs[i]["prompt"]
             self.obs[i], reward, terminated, truncated, info = env.step(response)
             self.turns[i].append((image, prompt, response, reward, info["valid"]))
             if terminated or truncated:
                 images, prompts, actions, rewards, valid = zip(*self.turns[i])
-                finished.append({"images": torch.stack(images), "prompts": list(prompts), "actions": list(actions),
-                                 "rewards": torch.tensor(rewards, dtype=torch.float32), "valid": torch.tensor(valid),
-                                 "terminated": terminated, "truncated": truncated, "seed": self.episode_seeds[i]})
+                finished.append({
+                    "images": torch.stack(images), "prompts": list(prompts), "actions": list(actions),
+                    "rewards": torch.tensor(rewards, dtype=torch.float32), "valid": torch.tensor(valid),
+                    "terminated": terminated, "truncated": truncated, "seed": self.episode_seeds[i]})
                 self.episode_seeds[i] = next(self.seeds)
                 self.obs[i], self.turns[i] = env.reset(seed=self.episode_seeds[i])[0], []
         return finished
@@ -457,12 +492,7 @@ class Rollout:
             env.close()
 
 
-def make(args: Args):
-    return envs.make_env(args.env, scheme=args.scheme, invalid_penalty=args.invalid_penalty, history=args.history,
-                         **({"text_view": True} if args.text_view else {}))
-
-
-def play(agent, args: Args, episodes, temperature, device, seed=10**6):
+def run_episodes(agent, args: Args, episodes, temperature, device, seed=10**6):
     """The finished episodes of exactly the seeds seed .. seed+episodes-1, and the env's success test. Not the
     first episodes to finish: those are the short ones, a biased sample."""
     agent.eval()
@@ -478,24 +508,74 @@ def play(agent, args: Args, episodes, temperature, device, seed=10**6):
 
 def evaluate(agent, args: Args, episodes, device, seed=10**6):
     """Success rate, valid-action rate and mean return over `episodes` episodes on held-out seeds."""
-    done, success = play(agent, args, episodes, args.eval_temperature, device, seed)
+    done, success = run_episodes(agent, args, episodes, args.eval_temperature, device, seed)
     returns = [float(ep["rewards"].sum()) for ep in done]
     return {"success_rate": float(np.mean([success(r) for r in returns])),
             "valid_action_rate": float(torch.cat([ep["valid"] for ep in done]).float().mean()),
             "mean_return": float(np.mean(returns)), "episodes": episodes}
 
 
-# --- Checkpoints: written to a temporary folder, then renamed into place. -------------------------------------------
-def save_checkpoint(args, agent, optimizer, step, rng, online_episodes):
+# --- One gradient step --------------------------------------------------------------------------------------
+def on_all_ranks(flag, device, world):
+    """A decision every rank takes together, or one would wait forever in all_reduce."""
+    flag = torch.tensor(float(bool(flag)), device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+def gradient_step(agent, optimizer, batch, args: Args, warmup: bool, device, world=1):
+    """One update on one batch: the loss, backward, the gradients averaged over the ranks, clipping, the
+    optimizer step and the target head's EMA. Returns the loss's statistics."""
+    loss, stats = afsft_loss(agent, batch, args, warmup, device)
+    optimizer.zero_grad(set_to_none=True)
+    if not on_all_ranks(torch.isfinite(loss), device, world):  # never let a NaN reach the weights
+        print(f"non-finite loss {loss.item()}, batch skipped", file=sys.stderr)
+        return {**stats, "charts/skipped": True}
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if world > 1:  # average the gradients over the ranks, as DDP does (it would also bucket them)
+        for grad in [p.grad for p in params if p.grad is not None]:
+            dist.all_reduce(grad.div_(world))
+    stats["charts/grad_norm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+    optimizer.step()
+    agent.update_target(args.tau)
+    return stats
+
+
+# --- A run's state, and its checkpoint (written to a temporary folder, then renamed into place) -------------
+@dataclass
+class Run:
+    """What `setup` builds and the train loop advances."""
+
+    agent: nn.Module
+    optimizer: torch.optim.Optimizer
+    buffer: Buffer
+    rng: np.random.Generator
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    step: int = 0
+    # the buffer's first episodes are the dataset's; those after them were collected online
+    num_offline: int = 0
+    log: object = None  # metrics.jsonl, open on rank 0
+
+    @property
+    def master(self):  # rank 0 logs, evaluates and saves
+        return self.rank == 0
+
+
+def save_checkpoint(args: Args, run: Run):
     final, tmp = os.path.join(args.out, "checkpoint"), os.path.join(args.out, "checkpoint.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    agent.policy.save_pretrained(os.path.join(tmp, "policy"))
-    torch.save({"critic": agent.critic.state_dict(), "target": agent.target.state_dict(), "args": asdict(args),
-                "optimizer": optimizer.state_dict(), "step": step,
-                "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}}, os.path.join(tmp, "state.pt"))
+    run.agent.policy.save_pretrained(os.path.join(tmp, "policy"))
+    torch.save({"critic": run.agent.critic.state_dict(), "target": run.agent.target.state_dict(),
+                "args": asdict(args), "optimizer": run.optimizer.state_dict(), "step": run.step,
+                "rng": {"torch": torch.get_rng_state(), "numpy": run.rng.bit_generator.state}},
+               os.path.join(tmp, "state.pt"))
+    online_episodes = run.buffer.episodes[run.num_offline:]
     if args.save_buffer and online_episodes:  # none yet: a resume goes on without one
-        torch.save({"format": envs.DATASET_FORMAT, "env": args.env, "episodes": online_episodes},
-                   os.path.join(tmp, "buffer.pt"))
+        envs.save_dataset(os.path.join(tmp, "buffer.pt"), args.env, online_episodes)
     shutil.rmtree(final + ".old", ignore_errors=True)
     if os.path.exists(final):
         os.replace(final, final + ".old")
@@ -503,14 +583,8 @@ def save_checkpoint(args, agent, optimizer, step, rng, online_episodes):
     shutil.rmtree(final + ".old", ignore_errors=True)
 
 
-def saved_state(run, mmap=False):
-    path = os.path.join(run, "checkpoint", "state.pt")
-    if not os.path.exists(path):
-        fail(f"--resume {run}: no checkpoint at {path}")
-    try:
-        return torch.load(path, weights_only=True, mmap=mmap)
-    except Exception as err:
-        fail(f"--resume {run}: unreadable checkpoint ({str(err).splitlines()[0][:200]})")
+def total_steps(args: Args):
+    return args.offline_steps + args.online_rounds * args.updates_per_round
 
 
 def load_resume_state(args: Args):
@@ -519,9 +593,13 @@ def load_resume_state(args: Args):
     saved = state["args"]
     if saved["env"] != args.env or saved["model"] != args.model:
         fail(f"--resume {args.resume}: that run used --env {saved['env']} --model {saved['model']}")
-    for key in ("finetune", "critic_head", "critic_rank", "critic_init") + (("image_size",) if args.model == "tiny" else ()):
+    for key in ("finetune", "critic_head", "critic_rank", "critic_init"):
         setattr(args, key, saved[key])  # the saved weights' shapes, even where given again
     args.out = args.resume
+    if state["step"] >= total_steps(args) and os.path.exists(os.path.join(args.out, "eval.json")):
+        print(f"--resume {args.out}: the run is finished ({state['step']} steps, evaluated in eval.json); "
+              "to train it further, raise --offline-steps or --online-rounds", file=sys.stderr)
+        sys.exit(0)
     if args.save_buffer and os.path.exists(os.path.join(checkpoint, "buffer.pt")):
         try:
             state["online_episodes"] = envs.load_dataset(os.path.join(checkpoint, "buffer.pt"))["episodes"]
@@ -530,160 +608,188 @@ def load_resume_state(args: Args):
     return state
 
 
-# --- Train loop: offline steps, then online rounds, then evaluation. ------------------------------------------------
-def train(args: Args):
-    if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint")):  # never overwrite a run
-        fail(f"--out {args.out} already holds a run: continue it with --resume {args.out}, or pick another --out")
+def restore(run: Run, resumed: dict, args: Args):
+    """Continue a saved run: the heads, the optimizer, the step, and rank 0's random streams and online
+    episodes."""
+    run.agent.critic.load_state_dict(resumed["critic"])
+    run.agent.target.load_state_dict(resumed["target"])
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    for group in run.optimizer.param_groups:  # the loaded state holds the old run's lr; the flags given win
+        group.update(lr=args.lr, weight_decay=args.weight_decay)
+    run.step = resumed["step"]
+    if run.master:
+        torch.set_rng_state(resumed["rng"]["torch"])
+        run.rng.bit_generator.state = resumed["rng"]["numpy"]
+        run.buffer.episodes += resumed.get("online_episodes", [])
+
+
+# --- Setup: everything before the first step ----------------------------------------------------------------
+def setup_device(args: Args):
+    """The device, and under torchrun (as nanoGPT does it) this process's rank and the number of ranks."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device}: this torch build sees no CUDA device")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun, nanoGPT-style
-    ddp, master = world > 1, rank == 0  # one process per device; rank 0 builds the tiny model, logs, evaluates, saves
-    if ddp:
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # one process per device
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        args.seed += 1000 * rank  # its own environments and batches; the weights are rank 0's (broadcast below)
+        args.seed += 1000 * rank  # its own environments and batches; the weights are rank 0's (broadcast)
+    return device, rank, world
 
-    def on_all_ranks(flag):  # a decision every rank takes together, or one would wait forever in all_reduce
-        flag = torch.tensor(float(bool(flag)), device=device)
-        if ddp:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag)
 
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    resumed = load_resume_state(args) if args.resume else None
-    os.makedirs(args.out, exist_ok=True)  # after the resume, which points --out at the resumed run
-    if args.finetune == "auto":
-        args.finetune = "full" if args.model == "tiny" else "lora"
+def load_data(args: Args):
+    """The env, checked by making one, and the dataset, validated against it (None without --offline)."""
     try:
-        probe = make(args)
+        make_env(args).close()
         dataset = envs.load_dataset(args.offline, args.env) if args.offline else None
-    except ValueError as err:
+    except (ValueError, envs.MissingDependency) as err:
         fail(err)
     differs = [f"{k}={v}" for k, v in (dataset or {}).get("options", {}).items() if getattr(args, k, v) != v]
     if differs:  # the policy would be evaluated on prompts of another form than it was trained on
         fail(f"--offline {args.offline} was collected with {', '.join(differs)}; pass the same flags here")
-    model_path = os.path.join(args.out, "tiny-vlm") if args.model == "tiny" else args.model
-    if args.model == "tiny" and not resumed and master:  # built once per run, then loaded like any saved model
-        build_tiny_vlm(tiny_corpus(probe, dataset), args.image_size, model_path)
-    if ddp:
-        dist.barrier()  # the other ranks load the tiny model once rank 0 has saved it
+    return dataset
+
+
+def build_agent(args: Args, resumed, device, world):
+    """The agent (a resumed run's weights, if any) and its optimizer; under DDP every rank starts from rank
+    0's."""
     policy_dir = os.path.join(args.resume, "checkpoint", "policy") if resumed else ""
     try:
-        agent = load_agent(args, model_path, policy_dir).to(device).train()
+        agent = load_agent(args, TINY_BASE if args.model == "tiny" else args.model, policy_dir)
     except (OSError, ValueError) as err:  # a wrong path or hub id, or a model that is not image-text-to-text
         fail(f"--model {args.model}: cannot load it ({str(err).splitlines()[0][:300]})")
+    agent.to(device).train()
     params = [p for p in agent.parameters() if p.requires_grad]
-    if ddp:  # rank 0's random inits (LoRA, critic) for everyone
+    if world > 1:
         for p in [*params, *agent.target.parameters()]:
             dist.broadcast(p.data, 0)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    if master:
-        print(f"model {args.model}: {sum(p.numel() for p in agent.policy.parameters()):,} parameters, "
-              f"{sum(p.numel() for p in params):,} trainable ({args.finetune}, critic head {args.critic_head})")
+    return agent, torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
-    buffer = Buffer(dataset["episodes"][rank::world] if dataset else [], args.gamma)  # each rank trains on its shard
-    num_offline, step = len(buffer.episodes), 0  # the buffer's episodes after the first num_offline are online ones
-    if resumed:
-        for key, part in (("critic", agent.critic), ("target", agent.target), ("optimizer", optimizer)):
-            part.load_state_dict(resumed[key])
-        for group in optimizer.param_groups:  # the loaded state holds the old run's lr; the flags given win
-            group.update(lr=args.lr, weight_decay=args.weight_decay)
-        step = resumed["step"]
-        if master:  # only rank 0's random streams and online episodes are saved
-            torch.set_rng_state(resumed["rng"]["torch"])
-            rng.bit_generator.state = resumed["rng"]["numpy"]
-            buffer.episodes += resumed.get("online_episodes", [])
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if master and resumed and os.path.exists(metrics_path):  # forget what was logged after the checkpoint
-        with open(metrics_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(metrics_path, "w") as f:
+
+def open_log(args: Args, resumed):
+    """metrics.jsonl; a resumed run forgets what was logged after its checkpoint."""
+    path = os.path.join(args.out, "metrics.jsonl")
+    if resumed and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed["step"]]
+        with open(path, "w") as f:
             f.writelines(kept)
-    log = open(metrics_path, "a" if resumed else "w") if master else None
-    warmup = int(args.sft_warmup * args.offline_steps)
-    total = args.offline_steps + args.online_steps * args.updates_per_round
-    rollout = None
+    return open(path, "a" if resumed else "w")
 
-    def update(phase):
-        nonlocal step
-        if ctrl_c:  # raised here, not wherever the signal lands: inside a library's finalizer it would be lost
-            raise KeyboardInterrupt
-        loss, stats = afsft_loss(agent, buffer.sample(rng, args.batch_turns, args.run_length), args,
-                                 use_filter=step >= warmup, device=device)
-        optimizer.zero_grad(set_to_none=True)
-        if not on_all_ranks(torch.isfinite(loss)):  # never let a NaN reach the weights
-            print(f"step {step}: non-finite loss {loss.item()}, batch skipped", file=sys.stderr)
-            stats["skipped"] = True
-        else:
-            loss.backward()
-            if ddp:  # average the gradients over the ranks, as DDP does (it would also bucket them)
-                for grad in [p.grad for p in params if p.grad is not None]:
-                    dist.all_reduce(grad.div_(world))
-            stats["grad_norm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
-            optimizer.step()
-            agent.update_target(args.tau)
-        step += 1
-        evaluating = args.eval_every and step % args.eval_every == 0
-        if master and (step % args.log_every == 0 or step == total or evaluating):
-            stats.update(step=step, phase=phase, buffer_turns=sum(len(ep["actions"]) for ep in buffer.episodes))
-            if evaluating:
-                stats.update(evaluate(agent, args, max(args.eval_episodes // 2, 1), device))
-            print(json.dumps(stats), file=log, flush=True)
-        if master and step % args.save_every == 0:
-            save_checkpoint(args, agent, optimizer, step, rng, buffer.episodes[num_offline:])
-        bar.set_postfix({k: round(v, 3) for k, v in stats.items() if isinstance(v, float)})
-        bar.update()
 
-    if step < args.offline_steps and not buffer.episodes:
+def setup(args: Args) -> Run:
+    """The device, the data, the agent and its optimizer, and a resumed run's state. Every check of the input
+    comes before --out is touched, so a refused attempt leaves nothing behind."""
+    device, rank, world = setup_device(args)
+    resumed = load_resume_state(args) if args.resume else None
+    dataset = load_data(args)
+    if not resumed and os.path.exists(os.path.join(args.out, "checkpoint")):  # never overwrite a run
+        fail(f"--out {args.out} already holds a run: continue it with --resume {args.out}, or pick another "
+             "--out")
+    torch.manual_seed(args.seed)
+    agent, optimizer = build_agent(args, resumed, device, world)
+    # each rank trains on its shard
+    buffer = Buffer(dataset["episodes"][rank::world] if dataset else [], args.gamma)
+    run = Run(agent, optimizer, buffer, np.random.default_rng(args.seed), device, rank, world,
+              num_offline=len(buffer.episodes))
+    if resumed:
+        restore(run, resumed, args)
+    if run.step < args.offline_steps and not buffer.episodes:
         fail("the buffer is empty: give --offline data.pt, or --offline-steps 0 for a purely online run")
-    ctrl_c = []
+    if run.master:
+        os.makedirs(args.out, exist_ok=True)
+        run.log = open_log(args, resumed)
+        vlm = sum(p.numel() for p in agent.vlm.parameters())
+        adapters = sum(p.numel() for p in agent.vlm.parameters() if p.requires_grad)
+        critic = sum(p.numel() for p in agent.critic.parameters() if p.requires_grad)
+        print(f"model {args.model}: {vlm:,} parameters in the VLM; trained: {adapters:,} in the VLM "
+              f"({args.finetune}) and {critic:,} in the critic head ({args.critic_head})")
+    return run
 
-    def on_ctrl_c(*_):  # the loop stops at its next step and saves; a second Ctrl-C interrupts at once
-        ctrl_c.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-    try:
-        with tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=not master) as bar:
-            while step < args.offline_steps:
-                update("offline")
-            while step < total:
-                rollout = rollout or Rollout(args, seed=args.seed * 7919 + step)
-                for _ in range(args.rollout_len):
-                    buffer.episodes += rollout.step(agent, args, args.temperature, device)
-                    if ctrl_c:
-                        raise KeyboardInterrupt
-                for _ in range(args.updates_per_round):
-                    if step < total and on_all_ranks(buffer.episodes):
-                        update("online")
-    except (KeyboardInterrupt, envs.BrowserDied) as err:  # stop cleanly, keeping what was learned
-        if master:
-            save_checkpoint(args, agent, optimizer, step, rng, buffer.episodes[num_offline:])
-        fail(f"{str(err) or 'interrupted'}; checkpoint saved at step {step}, continue with --resume {args.out}")
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    for env in (probe, rollout):
-        if env is not None:
-            env.close()
-    if ddp:  # gradients were averaged, so every rank ends with the same weights: a line to compare
-        digest = hashlib.sha1(b"".join(p.detach().float().cpu().numpy().tobytes() for p in params)).hexdigest()
-        print(f"rank {rank}: trainable weights sha1 {digest[:16]}")
+# --- Train loop: offline steps, then online rounds, then evaluation -----------------------------------------
+def train_step(run: Run, args: Args, phase: str):
+    """One gradient step, then what is due at it: a metrics line, an evaluation, a checkpoint."""
+    batch = run.buffer.sample(run.rng, args.batch_turns, args.run_length)
+    warmup = run.step < int(args.sft_warmup * args.offline_steps)  # f = 1 while the critic first learns
+    stats = gradient_step(run.agent, run.optimizer, batch, args, warmup, run.device, run.world)
+    run.step += 1
+    evaluating = args.eval_every and run.step % args.eval_every == 0
+    if run.master and (run.step % args.log_every == 0 or run.step == total_steps(args) or evaluating):
+        stats.update({"step": run.step, "phase": phase,
+                      "charts/buffer_turns": sum(len(ep["actions"]) for ep in run.buffer.episodes)})
+        if evaluating:
+            result = evaluate(run.agent, args, max(args.eval_episodes // 2, 1), run.device)
+            stats.update({f"eval/{key}": value for key, value in result.items()})
+        print(json.dumps(stats), file=run.log, flush=True)
+    if run.master and run.step % args.save_every == 0:
+        save_checkpoint(args, run)
+    return stats
+
+
+def show(bar, stats):
+    bar.set_postfix({name: round(stats[key], 3) for name, key in
+                     (("actor", "losses/actor"), ("critic", "losses/critic"), ("kept", "critic/filter_kept"))
+                     if key in stats})
+    bar.update()
+
+
+def finish(run: Run, args: Args):
+    """After the last step: the checkpoint, the final greedy evaluation, eval.json, and where it all is."""
+    if run.world > 1:  # gradients were averaged, so every rank must end with the same weights
+        checksum = torch.stack([p.detach().float().sum() for p in run.agent.parameters() if p.requires_grad])
+        low, high = checksum.clone(), checksum.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
         dist.destroy_process_group()
-    if not master:
+        if not torch.equal(low, high):
+            fail(f"rank {run.rank}: the ranks ended with different weights")
+    if not run.master:
         return {}
-    save_checkpoint(args, agent, optimizer, step, rng, buffer.episodes[num_offline:])
-    result = evaluate(agent, args, args.eval_episodes, device) if args.eval_episodes else {}
+    save_checkpoint(args, run)
+    result = evaluate(run.agent, args, args.eval_episodes, run.device) if args.eval_episodes else {}
     if result:
-        print(json.dumps({"step": step, "phase": "eval", **result}), file=log)
+        logged = {f"eval/{key}": value for key, value in result.items()}
+        print(json.dumps({"step": run.step, "phase": "eval", **logged}), file=run.log)
         with open(os.path.join(args.out, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
         print(json.dumps(result))
-    log.close()
+        if result["valid_action_rate"] < 0.5:
+            print(f"warning: the policy is not writing valid actions ({result['valid_action_rate']:.2f} of "
+                  "its turns); see the README, 'Runs that go wrong'", file=sys.stderr)
+    run.log.close()
+    print(f"wrote {args.out}: metrics.jsonl, checkpoint/" + (", eval.json" if result else ""))
     return result
+
+
+def train(args: Args):
+    run = setup(args)
+    total, rollout = total_steps(args), None
+    bar = tqdm(total=total, initial=run.step, desc="train", dynamic_ncols=True, disable=not run.master)
+    try:
+        while run.step < args.offline_steps:  # offline: gradient steps on the dataset
+            show(bar, train_step(run, args, "offline"))
+        # online rounds: every env acts for --rollout-len turns, then the agent learns
+        while run.step < total:
+            rollout = rollout or Rollout(args, seed=args.seed * 7919 + run.step)
+            for _ in range(args.rollout_len):
+                run.buffer.episodes += rollout.step(run.agent, args, args.temperature, run.device)
+            for _ in range(args.updates_per_round):
+                if run.step < total and on_all_ranks(run.buffer.episodes, run.device, run.world):
+                    show(bar, train_step(run, args, "online"))
+    except (KeyboardInterrupt, envs.BrowserDied) as err:  # stop cleanly, keeping what was learned
+        if run.master:
+            save_checkpoint(args, run)
+        fail(f"{str(err) or 'interrupted'}; checkpoint saved at step {run.step}, continue with "
+             f"--resume {args.out}")
+    finally:
+        bar.close()
+        if rollout is not None:
+            rollout.close()
+    return finish(run, args)
 
 
 def main(argv=None):

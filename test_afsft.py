@@ -1,10 +1,13 @@
 """Tests for afsft.py and envs.py: losses against hand-computed values, the dataset
-contract, the buffer, the env wrappers, and short end-to-end runs through the CLI."""
+contract, the buffer, the env wrappers, and short end-to-end runs through the CLI.
+
+Tests that start a process, a browser or a training run are marked `slow`:
+    python -m pytest -q -m "not slow" test_afsft.py    # the fast subset, while editing
+"""
 import importlib.util
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -49,14 +52,20 @@ def test_td_target_mixes_the_turns_monte_carlo_return_into_each_of_its_tokens():
     reward, not_done, v_next = torch.tensor([0.5, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([4.0, 10.0])
     returns, weight = torch.tensor([2.0, 3.0]), torch.tensor([0.25, 0.0])  # the second episode was truncated
     targets = afsft.td_targets(v_bar, is_last, reward, 0.9, not_done, v_next, returns, weight)
-    mix = lambda td: 0.75 * td + 0.25 * 2.0
-    assert targets.tolist() == pytest.approx([mix(2.0), mix(3.0), mix(0.5 + 0.9 * 4.0), 5.0, 1.0 + 0.9 * 10.0])
+
+    def mix(td):
+        return 0.75 * td + 0.25 * 2.0
+
+    assert targets.tolist() == pytest.approx([mix(2.0), mix(3.0), mix(0.5 + 0.9 * 4.0), 5.0,
+                                              1.0 + 0.9 * 10.0])
 
 
 def test_td_target_done_does_not_bootstrap_but_truncated_does():
     v_bar, is_last = torch.tensor([7.0]), torch.tensor([True])
-    done = afsft.td_targets(v_bar, is_last, torch.tensor([1.0]), 0.9, torch.tensor([0.0]), torch.tensor([3.0]))
-    truncated = afsft.td_targets(v_bar, is_last, torch.tensor([1.0]), 0.9, torch.tensor([1.0]), torch.tensor([3.0]))
+    done = afsft.td_targets(v_bar, is_last, torch.tensor([1.0]), 0.9, torch.tensor([0.0]),
+                            torch.tensor([3.0]))
+    truncated = afsft.td_targets(v_bar, is_last, torch.tensor([1.0]), 0.9, torch.tensor([1.0]),
+                                 torch.tensor([3.0]))
     assert done.item() == pytest.approx(1.0)
     assert truncated.item() == pytest.approx(1.0 + 0.9 * 3.0)
 
@@ -97,19 +106,17 @@ def test_actor_loss_normalises_by_all_tokens_of_the_turn():
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny"))
-    env = envs.make_env("babyai")
-    afsft.build_tiny_vlm(afsft.tiny_corpus(env, None), 56, path)
-    args = afsft.Args(finetune="full", critic_init="lm")
+    args = afsft.Args()  # the shipped pretrained base, LoRA, the critic from the language head
     torch.manual_seed(0)
-    return afsft.load_agent(args, path), args
+    return afsft.load_agent(args, afsft.TINY_BASE), args
 
 
 def test_encode_marks_one_state_per_response_token(tiny):
     agent, _ = tiny
     image = np.zeros((56, 56, 3), np.uint8)
     responses = ["[action] turn left", "[action] go forward now please"]
-    inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [image, image], ["a", "a longer prompt"], responses)
+    inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [image, image],
+                                                       ["a", "a longer prompt"], responses)
     tok = agent.processor.tokenizer
     expected = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
     assert lengths.tolist() == [len(e) for e in expected]
@@ -130,8 +137,73 @@ def test_critic_head_starts_at_the_language_head_logits(tiny):
     assert trainable == d * 32 + 32 * vocab + vocab  # low rank: far below d * vocab
 
 
+def load_pretrain_script():
+    spec = importlib.util.spec_from_file_location("pretrain", os.path.join(HERE, "tiny_vlm", "pretrain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def numberline_render(target, current):
+    env = envs.make_env("numberline", seed=0)
+    env.target, env.position = target, current
+    return env.image()
+
+
+def test_shipped_base_matches_the_pretrain_script_and_reads_its_images(tiny):
+    agent, _ = tiny
+    pretrain = load_pretrain_script()
+    config = agent.vlm.config
+    assert (config.vision_config.image_size, config.vision_config.patch_size) == (pretrain.IMAGE_SIZE,
+                                                                                  pretrain.PATCH_SIZE)
+    assert agent.processor.image_processor.size["height"] == pretrain.IMAGE_SIZE
+    assert config.text_config.vocab_size == len(agent.processor.tokenizer)
+    weights = os.path.join(afsft.TINY_BASE, "model.safetensors")
+    with open(weights, "rb") as f:
+        assert '"F16"' in f.read(2000).decode("latin-1")  # stored in half precision
+    assert os.path.getsize(weights) < 25e6
+    # it captions NumberLine renders from the pixels alone: one caption per picture, each right
+    states = [(t, c) for t in range(6) for c in range(6) if t != c][::3]
+    images = [numberline_render(t, c) for t, c in states]
+    captions = afsft.generate(agent, images, [pretrain.CAPTION_PROMPT] * len(images), 0.0, 32, "cpu")
+    right = sum(caption == f"Target: {t}. Current: {c}." for caption, (t, c) in zip(captions, states))
+    assert right >= 0.9 * len(states)
+
+
+def test_lora_fine_tune_learns_a_new_question_from_pixels(tiny):
+    """The regression test for a blind model: a short LoRA fine-tune through afsft_loss learns to answer a
+    question the base never saw ("is the target above the current number?") on renders it never saw. The
+    answer is in the pixels alone, so a model that ignores its image cannot get the held-out ones right."""
+    _, args = tiny
+    torch.manual_seed(0)
+    agent = afsft.load_agent(args, afsft.TINY_BASE)
+    states = [(t, c) for t in range(6) for c in range(6) if t != c]
+    held_out = states[1::5]  # 6 of the 30 pictures (4 yes, 2 no), never trained on
+    train_states = [s for s in states if s not in held_out]
+    question = "Is the target number above the current number? Answer yes or no."
+
+    def answer(target, current):
+        return "yes" if target > current else "no"
+
+    sft = afsft.replace(args, filter="none", max_new_tokens=4)
+    optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        batch_states = [train_states[i] for i in rng.integers(len(train_states), size=16)]
+        batch = {"images": [numberline_render(*s) for s in batch_states], "prompts": [question] * 16,
+                 "actions": [answer(*s) for s in batch_states]}
+        loss, _ = afsft.afsft_loss(agent, batch, sft, warmup=True, device="cpu")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    images = [numberline_render(*s) for s in held_out]
+    replies = afsft.generate(agent, images, [question] * len(held_out), 0.0, 4, "cpu")
+    assert [r.strip() for r in replies] == [answer(*s) for s in held_out]
+
+
 def make_episode(T, terminated, prompt="p", image_side=56):
-    return {"images": torch.zeros(T, image_side, image_side, 3, dtype=torch.uint8), "prompts": [f"{prompt}{t}" for t in range(T)],
+    return {"images": torch.zeros(T, image_side, image_side, 3, dtype=torch.uint8),
+            "prompts": [f"{prompt}{t}" for t in range(T)],
             "actions": ["[action] go forward"] * T, "rewards": torch.arange(T, dtype=torch.float32),
             "valid": torch.ones(T, dtype=torch.bool), "terminated": terminated, "truncated": not terminated}
 
@@ -150,24 +222,25 @@ def test_buffer_samples_runs_of_consecutive_turns():
         assert batch["done"][i] == (t == 9 and batch["rewards"][i] == 9)
         if batch["has_return"][i]:  # rewards are 0..9: G_t = sum_k 0.9^k (t + k)
             assert batch["returns"][i].item() == pytest.approx(sum(0.9 ** k * (t + k) for k in range(10 - t)))
-    assert batch["has_return"].all() and not buffer.collate([(1, 0, False)], [])["has_return"].any()  # truncated
+    # truncated
+    assert batch["has_return"].all() and not buffer.collate([(1, 0, False)], [])["has_return"].any()
 
 
 def test_afsft_loss_trains_critic_and_trunk_and_sft_skips_the_critic(tiny):
     agent, args = tiny
     buffer = afsft.Buffer([make_episode(6, True), make_episode(5, False)])
     batch = buffer.sample(np.random.default_rng(1), batch_turns=6, run_length=3)
-    loss, stats = afsft.afsft_loss(agent, batch, args, use_filter=True, device="cpu")
+    loss, stats = afsft.afsft_loss(agent, batch, args, warmup=False, device="cpu")
     agent.zero_grad()
     loss.backward()
-    assert math.isfinite(loss.item()) and 0 <= stats["filter_kept"] <= 1
+    assert math.isfinite(loss.item()) and 0 <= stats["critic/filter_kept"] <= 1
     assert agent.critic.up.weight.grad.abs().sum() > 0
-    assert agent.vlm.model.language_model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    assert agent.vlm.model.language_model.layers[0].mlp.up_proj.lora_B.default.weight.grad.abs().sum() > 0
     agent.zero_grad()
     sft_args = afsft.replace(args, filter="none")
-    loss, stats = afsft.afsft_loss(agent, batch, sft_args, use_filter=True, device="cpu")
+    loss, stats = afsft.afsft_loss(agent, batch, sft_args, warmup=False, device="cpu")
     loss.backward()
-    assert "critic_loss" not in stats and agent.critic.up.weight.grad is None
+    assert "losses/critic" not in stats and agent.critic.up.weight.grad is None
     agent.zero_grad()
 
 
@@ -213,10 +286,12 @@ def test_babyai_text_view_names_the_cell_in_front_then_objects_and_the_nearest_w
                    "a blue key 2 steps right; a wall 2 steps forward; a wall 2 steps left."
     obs, *_ = env.step("[action] go forward")
     assert "In front of you: a wall." in obs["prompt"] and "a wall 1 steps forward" in obs["prompt"]
-    assert "In front of you: a wall." in env.step("[action] go forward")[0]["prompt"]  # going forward again: blocked
+    # going forward again: blocked
+    assert "In front of you: a wall." in env.step("[action] go forward")[0]["prompt"]
     env.step("[action] turn right")  # the purple key is now 2 steps forward
     obs, *_ = env.step("[action] go forward")
-    assert obs["prompt"].splitlines()[1].startswith("In front of you: a purple key. You see a purple key 1 steps forward")
+    assert obs["prompt"].splitlines()[1].startswith("In front of you: a purple key. "
+                                                    "You see a purple key 1 steps forward")
 
 
 def test_babyai_passes_gymnasium_env_checker():
@@ -232,6 +307,7 @@ def test_babyai_expert_solves_and_suboptimal_goes_to_a_decoy():
     assert sum(ep["rewards"].sum() > 0 for ep in decoy) <= 1  # it may pass the ball by chance, rarely
 
 
+@pytest.mark.slow
 def test_make_env_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown env"):
         envs.make_env("chess")
@@ -249,7 +325,8 @@ def run_cli(*argv, script="afsft.py", timeout=600):
 
 def collect_dataset(folder, env, episodes):
     path = str(folder / "data.pt")
-    result = run_cli("collect", "--env", env, "--policy", "mixed", "--episodes", str(episodes), "--out", path, script="envs.py")
+    result = run_cli("collect", "--env", env, "--policy", "mixed", "--episodes", str(episodes), "--out", path,
+                     script="envs.py")
     assert result.returncode == 0, result.stderr
     return path
 
@@ -259,14 +336,47 @@ def dataset(tmp_path_factory):
     return collect_dataset(tmp_path_factory.mktemp("data"), "babyai", 6)
 
 
+@pytest.mark.slow
 def test_dataset_round_trips(dataset):
     data = envs.load_dataset(dataset, "babyai")
-    assert data["format"] == "afsft-v1" and len(data["episodes"]) == 6
+    assert data["format"] == "afsft-v2" and len(data["episodes"]) == 6
     ep = data["episodes"][0]
     T = len(ep["actions"])
-    assert ep["images"].shape == (T, 56, 56, 3) and ep["rewards"].shape == (T,) and len(ep["prompts"]) == T
+    assert len(ep["images"]) == T and ep["rewards"].shape == (T,) and len(ep["prompts"]) == T
+    assert envs.turn_image(ep, T - 1).shape == (56, 56, 3)
     raw = torch.load(dataset, weights_only=True)  # the file needs no unpickling of code
     assert raw["episodes"][0]["actions"] == ep["actions"]
+
+
+def test_a_v1_dataset_with_raw_pixels_still_loads_and_trains(dataset, tmp_path):
+    data = envs.load_dataset(dataset)
+    def raw_pixels(ep):
+        return torch.from_numpy(np.stack([envs.turn_image(ep, t) for t in range(len(ep["actions"]))]))
+
+    episodes = [{**ep, "images": raw_pixels(ep)} for ep in data["episodes"]]
+    torch.save({"format": "afsft-v1", "env": "babyai", "episodes": episodes}, tmp_path / "v1.pt")
+    v1 = envs.load_dataset(str(tmp_path / "v1.pt"), "babyai")
+    batch = afsft.Buffer(v1["episodes"]).sample(np.random.default_rng(0), 4, 2)
+    assert all(image.shape == (56, 56, 3) for image in batch["images"])
+    gray = {"format": "afsft-v1", "env": "babyai",
+            "episodes": [{**episodes[0], "images": episodes[0]["images"][..., 0]}]}
+    torch.save(gray, tmp_path / "gray.pt")
+    with pytest.raises(envs.DatasetError, match="episode 0: field 'images' must be a non-empty uint8 tensor"):
+        envs.load_dataset(str(tmp_path / "gray.pt"))
+
+
+def test_png_images_are_lossless():
+    image = np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    episode = envs.compress({"images": torch.from_numpy(image[None])})
+    assert episode["images"][0].dtype == torch.uint8 and np.array_equal(envs.turn_image(episode, 0), image)
+
+
+def test_a_huge_response_is_cut_to_max_new_tokens_in_seconds(tiny):
+    agent, _ = tiny
+    started = time.time()
+    _, _, tokens, lengths = afsft.encode(agent.processor, [np.zeros((8, 8, 3), np.uint8)], ["p"],
+                                         ["[action] go forward " * 60_000], max_response_tokens=24)
+    assert lengths.tolist() == [24] and len(tokens) == 24 and time.time() - started < 10
 
 
 class Hostile:
@@ -275,7 +385,7 @@ class Hostile:
 
 
 def corrupt(data, change):
-    data = {**data, "episodes": [dict(ep) for ep in data["episodes"]]}
+    data = {**data, "episodes": [{**ep, "images": list(ep["images"])} for ep in data["episodes"]]}
     change(data)
     return data
 
@@ -285,17 +395,25 @@ BAD_DATASETS = {
     "env type": (lambda d: d.update(env=3), "'env' must be a string"),
     "zero episodes": (lambda d: d.update(episodes=[]), "non-empty list"),
     "missing field": (lambda d: d["episodes"][0].pop("rewards"), "episode 0: field 'rewards'"),
-    "float images": (lambda d: d["episodes"][1].update(images=d["episodes"][1]["images"].float()), "episode 1: field 'images'"),
-    "gray images": (lambda d: d["episodes"][0].update(images=d["episodes"][0]["images"][..., 0]), "field 'images'"),
-    "short prompts": (lambda d: d["episodes"][0].update(prompts=d["episodes"][0]["prompts"][:-1]), "field 'prompts'"),
-    "int actions": (lambda d: d["episodes"][0].update(actions=[1] * len(d["episodes"][0]["actions"])), "field 'actions'"),
+    "float images": (lambda d: d["episodes"][1]["images"].__setitem__(0, d["episodes"][1]["images"][0] * 1.0),
+                     "episode 1: field 'images'"),
+    "not a png": (lambda d: d["episodes"][0]["images"].__setitem__(0, torch.zeros(64, dtype=torch.uint8)),
+                  "field 'images'"),
+    "raw pixels tagged v2": (lambda d: d["episodes"][0].update(images=torch.zeros(2, 8, 8, 3).byte()),
+                             "field 'images'"),
+    "short prompts": (lambda d: d["episodes"][0].update(prompts=d["episodes"][0]["prompts"][:-1]),
+                      "field 'prompts'"),
+    "int actions": (lambda d: d["episodes"][0].update(actions=[1] * len(d["episodes"][0]["actions"])),
+                    "field 'actions'"),
     "nan reward": (lambda d: d["episodes"][0]["rewards"].__setitem__(0, float("nan")), "NaN"),
     "bool flag": (lambda d: d["episodes"][0].update(terminated="yes"), "field 'terminated'"),
-    "valid dtype": (lambda d: d["episodes"][0].update(valid=d["episodes"][0]["valid"].int()), "field 'valid'"),
+    "valid dtype": (lambda d: d["episodes"][0].update(valid=d["episodes"][0]["valid"].int()),
+                    "field 'valid'"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BAD_DATASETS))
+@pytest.mark.slow
 def test_malformed_dataset_is_rejected_with_a_message(dataset, tmp_path, name):
     change, message = BAD_DATASETS[name]
     data = torch.load(dataset, weights_only=True)
@@ -306,6 +424,7 @@ def test_malformed_dataset_is_rejected_with_a_message(dataset, tmp_path, name):
         envs.load_dataset(path)
 
 
+@pytest.mark.slow
 def test_dataset_from_another_env_is_rejected(dataset):
     with pytest.raises(envs.DatasetError, match="collected on env 'babyai'"):
         envs.load_dataset(dataset, "BabyAI-GoToLocal-v0")
@@ -322,51 +441,65 @@ def test_hostile_pickle_is_never_run(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"not a torch file at all"])
+@pytest.mark.slow
 def test_truncated_or_foreign_file_gets_a_one_line_error_from_the_cli(tmp_path, content):
     path = tmp_path / "data.pt"
     path.write_bytes(content)
     result = run_cli("--offline", str(path), "--out", str(tmp_path / "run"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"afsft.py: error: {path}: not a loadable afsft dataset")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"afsft.py: error: {path}: "
+                                                             "not a loadable afsft dataset")
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_env_and_bad_flags(tmp_path, dataset):
     result = run_cli("--env", "chess", "--offline", dataset, "--out", str(tmp_path / "run"))
-    assert result.returncode != 0 and "unknown env 'chess'" in result.stderr and "Traceback" not in result.stderr
+    assert (result.returncode != 0 and "unknown env 'chess'" in result.stderr
+            and "Traceback" not in result.stderr)
     result = run_cli("--gamma", "1.5", "--offline", dataset)
     assert result.returncode == 2 and "--gamma in [0, 1]" in result.stderr
     result = run_cli("--env", "babyai", "--out", str(tmp_path / "run"))
-    assert result.returncode == 2 and "--offline needs a file" in result.stderr
+    assert result.returncode == 2 and "--offline needs a dataset" in result.stderr
+    # an unknown env is named first, also without --offline
+    result = run_cli("--env", "NoSuchEnv-v9")
+    assert result.returncode == 2 and "unknown env 'NoSuchEnv-v9'" in result.stderr
     result = run_cli("--resume", str(tmp_path / "nowhere"), "--offline", dataset)
     assert result.returncode != 0 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_missing_model_a_missing_gpu_and_overwriting_a_run(tmp_path, dataset):
     def one_line_error(result, message):
         lines = result.stderr.strip().splitlines()
         return result.returncode != 0 and "Traceback" not in result.stderr and message in lines[-1]
 
     run = tmp_path / "run"
-    assert one_line_error(run_cli("--model", str(tmp_path / "no-model"), "--offline-steps", "0", "--out", str(run)),
-                          "cannot load it")
+    assert one_line_error(run_cli("--model", str(tmp_path / "no-model"), "--offline-steps", "0",
+                                  "--out", str(run)), "cannot load it")
     if not torch.cuda.is_available():
-        assert one_line_error(run_cli("--device", "cuda", "--offline-steps", "0", "--out", str(run)), "sees no CUDA")
+        assert one_line_error(run_cli("--device", "cuda", "--offline-steps", "0", "--out", str(run)),
+                              "sees no CUDA")
     data = envs.load_dataset(dataset)
     data["options"]["text_view"] = True
     torch.save(data, tmp_path / "text-view.pt")
     assert one_line_error(run_cli("--offline", str(tmp_path / "text-view.pt"), "--out", str(run)),
                           "was collected with text_view=True; pass the same flags here")
+    assert not run.exists()  # a refused attempt leaves nothing behind
     (run / "checkpoint").mkdir(parents=True)
-    assert one_line_error(run_cli("--offline", dataset, "--out", str(run)), "already holds a run: continue it with --resume")
+    assert one_line_error(run_cli("--offline", dataset, "--out", str(run)),
+                          "already holds a run: continue it with --resume")
+    # the first real mistake is named, before the existing --out: here a dataset of another env
+    assert one_line_error(run_cli("--env", "numberline", "--offline", dataset, "--out", str(run)),
+                          "collected on env 'babyai', but --env is 'numberline'")
 
 
 # ---------------------------------------------------------------------------
 # End to end through the CLI
 # ---------------------------------------------------------------------------
-SMALL = ["--batch-turns", "8", "--run-length", "4", "--num-envs", "2", "--rollout-len", "4", "--updates-per-round", "2",
-         "--max-new-tokens", "8", "--log-every", "2"]
+SMALL = ["--batch-turns", "8", "--run-length", "4", "--num-envs", "2", "--rollout-len", "4",
+         "--updates-per-round", "2", "--max-new-tokens", "8", "--log-every", "2"]
 
 
 def read_metrics(run):
@@ -374,46 +507,80 @@ def read_metrics(run):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_offline_then_online_run_writes_the_run_directory(tmp_path, dataset):
     run = str(tmp_path / "run")
     result = run_cli("--env", "babyai", "--offline", dataset, "--out", run, "--offline-steps", "4",
-                     "--online-steps", "2", "--eval-episodes", "2", *SMALL)
+                     "--online-rounds", "2", "--eval-episodes", "2", *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(run, "eval.json")) as f:
         result = json.load(f)
-    assert set(result) == {"success_rate", "valid_action_rate", "mean_return", "episodes"} and result["episodes"] == 2
+    assert (set(result) == {"success_rate", "valid_action_rate", "mean_return", "episodes"}
+            and result["episodes"] == 2)
     metrics = read_metrics(run)
-    assert [m["phase"] for m in metrics if "loss" in m] == ["offline", "offline", "online", "online"]
-    assert all(key in metrics[0] for key in ("loss", "actor_loss", "critic_loss", "filter_kept", "mean_advantage", "td_error"))
-    assert os.path.exists(os.path.join(run, "checkpoint", "policy")) and os.path.exists(os.path.join(run, "checkpoint", "state.pt"))
+    assert [m["phase"] for m in metrics if "losses/total" in m] == ["offline", "offline", "online", "online"]
+    assert all(key in metrics[0] for key in ("losses/total", "losses/actor", "losses/critic",
+                                             "critic/filter_kept", "critic/mean_advantage",
+                                             "critic/td_error"))
+    assert (os.path.exists(os.path.join(run, "checkpoint", "policy"))
+            and os.path.exists(os.path.join(run, "checkpoint", "state.pt")))
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_counter(tmp_path, dataset):
     run = str(tmp_path / "run")
     # --save-buffer with no online episode yet writes no buffer, and the resume goes on without one
-    first = run_cli("--offline", dataset, "--out", run, "--offline-steps", "4", "--eval-episodes", "0", "--save-buffer",
-                    "--filter", "exp", "--beta", "3", *SMALL)
+    first = run_cli("--offline", dataset, "--out", run, "--offline-steps", "4", "--eval-episodes", "0",
+                    "--save-buffer", "--filter", "exp", "--beta", "3", *SMALL)
     assert first.returncode == 0, first.stderr[-3000:]
     assert not os.path.exists(os.path.join(run, "checkpoint", "buffer.pt"))
-    # the flags not given again (--offline, --filter, --beta, --save-buffer, ...) are the run's own, not the defaults
+    # the flags not given again (--offline, --filter, --beta, --save-buffer, ...) are the run's own, not the
+    # defaults
     second = run_cli("--resume", run, "--offline-steps", "8", "--lr", "3e-4")
     assert second.returncode == 0, second.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)] == [2, 4, 6, 8]
     state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
     assert state["step"] == 8 and state["args"]["offline_steps"] == 8
-    # a flag given again wins, the learning rate too (the optimizer state loaded from the checkpoint holds the old one)
+    # a flag given again wins, the learning rate too (the optimizer state loaded from the checkpoint holds the
+    # old one)
     assert state["args"]["lr"] == 3e-4 and {g["lr"] for g in state["optimizer"]["param_groups"]} == {3e-4}
     assert (state["args"]["filter"], state["args"]["beta"], state["args"]["offline"]) == ("exp", 3.0, dataset)
     other = run_cli("--resume", run, "--env", "numberline", "--offline-steps", "0")
-    assert other.returncode != 0 and "that run used --env babyai" in other.stderr and "Traceback" not in other.stderr
+    assert (other.returncode != 0 and "that run used --env babyai" in other.stderr
+            and "Traceback" not in other.stderr)
 
 
+@pytest.mark.slow
+def test_resume_of_a_finished_run_says_so_and_logs_nothing_twice(tmp_path, dataset):
+    run = str(tmp_path / "run")
+    first = run_cli("--offline", dataset, "--out", run, "--offline-steps", "2", "--eval-episodes", "1",
+                    *SMALL)
+    assert first.returncode == 0, first.stderr[-3000:]
+    logged = read_metrics(run)
+    again = run_cli("--resume", run)
+    assert again.returncode == 0 and "the run is finished (2 steps" in again.stderr
+    assert "raise --offline-steps or --online-rounds" in again.stderr and read_metrics(run) == logged
+
+
+def test_the_last_line_names_the_files_and_a_low_valid_rate_warns(tmp_path, monkeypatch, capsys):
+    result = {"success_rate": 0.0, "valid_action_rate": 0.2, "mean_return": -1.0, "episodes": 1}
+    monkeypatch.setattr(afsft, "evaluate", lambda *args: result)
+    run = str(tmp_path / "run")
+    afsft.main(["--env", "numberline", "--offline-steps", "0", "--eval-episodes", "1", "--out", run])
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == f"wrote {run}: metrics.jsonl, checkpoint/, eval.json"
+    assert "warning: the policy is not writing valid actions (0.20 of its turns)" in err
+    assert json.load(open(os.path.join(run, "eval.json"))) == result
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_without_losing_steps_or_episodes(tmp_path, dataset):
     run = str(tmp_path / "run")
     state_path = os.path.join(run, "checkpoint", "state.pt")
     flags = ["--offline", dataset, "--out", run, "--offline-steps", "2", "--save-every", "2", "--save-buffer",
              "--eval-episodes", "0", *SMALL, "--rollout-len", "40"]
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "afsft.py"), *flags, "--online-steps", "500"],
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "afsft.py"), *flags,
+                             "--online-rounds", "500"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
     patience = 900  # seconds; about 30 s alone, far more on a machine busy with other runs
     saved_step, deadline = 0, time.time() + patience
@@ -432,7 +599,7 @@ def test_killed_run_resumes_without_losing_steps_or_episodes(tmp_path, dataset):
     saved_episodes = envs.load_dataset(os.path.join(run, "checkpoint", "buffer.pt"))["episodes"] \
         if os.path.exists(os.path.join(run, "checkpoint", "buffer.pt")) else []
     rounds = (saved["step"] - 2) // 2 + 3  # three rounds past the checkpoint
-    result = run_cli("--resume", run, *flags, "--online-steps", str(rounds))
+    result = run_cli("--resume", run, *flags, "--online-rounds", str(rounds))
     assert result.returncode == 0, result.stderr[-3000:]
     final = torch.load(state_path, weights_only=True)
     assert final["step"] == saved["step"] + 6
@@ -440,13 +607,16 @@ def test_killed_run_resumes_without_losing_steps_or_episodes(tmp_path, dataset):
     assert steps == sorted(set(steps)) and steps[-1] == final["step"]
     resumed_episodes = envs.load_dataset(os.path.join(run, "checkpoint", "buffer.pt"))["episodes"]
     assert len(saved_episodes) > 0 and len(resumed_episodes) >= len(saved_episodes)
-    assert [ep["actions"] for ep in resumed_episodes[:len(saved_episodes)]] == [ep["actions"] for ep in saved_episodes]
+    assert ([ep["actions"] for ep in resumed_episodes[:len(saved_episodes)]]
+            == [ep["actions"] for ep in saved_episodes])
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, dataset):
     run = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "afsft.py"), "--offline", dataset, "--out", run,
-                             "--offline-steps", "100000", "--log-every", "1", "--eval-episodes", "0", *SMALL[:-2]],
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "afsft.py"), "--offline", dataset,
+                             "--out", run, "--offline-steps", "100000", "--log-every", "1",
+                             "--eval-episodes", "0", *SMALL[:-2]],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE)
     deadline = time.time() + 300
     while time.time() < deadline and not (os.path.exists(os.path.join(run, "metrics.jsonl"))
@@ -455,11 +625,13 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, dataset):
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
-    assert f"afsft.py: error: interrupted; checkpoint saved at step" in stderr and f"--resume {run}" in stderr
+    assert "afsft.py: error: interrupted; checkpoint saved at step" in stderr and f"--resume {run}" in stderr
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)["step"] >= 3
 
 
-def test_non_finite_loss_skips_the_batch_and_never_reaches_the_weights(tmp_path, dataset, monkeypatch, capsys):
+@pytest.mark.slow
+def test_non_finite_loss_skips_the_batch_and_never_reaches_the_weights(tmp_path, dataset, monkeypatch,
+                                                                        capsys):
     real, calls = afsft.afsft_loss, []
 
     def poisoned(*args, **kwargs):  # steps 1 and 2 get a NaN and an inf loss
@@ -469,10 +641,10 @@ def test_non_finite_loss_skips_the_batch_and_never_reaches_the_weights(tmp_path,
 
     monkeypatch.setattr(afsft, "afsft_loss", poisoned)
     run = str(tmp_path / "run")
-    afsft.main(["--offline", dataset, "--out", run, "--offline-steps", "4", "--eval-episodes", "0", *SMALL[:-2],
-                "--log-every", "1"])
-    assert "step 0: non-finite loss nan, batch skipped" in capsys.readouterr().err
-    assert [m.get("skipped", False) for m in read_metrics(run)] == [True, True, False, False]
+    afsft.main(["--offline", dataset, "--out", run, "--offline-steps", "4", "--eval-episodes", "0",
+                *SMALL[:-2], "--log-every", "1"])
+    assert "non-finite loss nan, batch skipped" in capsys.readouterr().err
+    assert [m.get("charts/skipped", False) for m in read_metrics(run)] == [True, True, False, False]
     state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
     from safetensors.torch import load_file
     policy = load_file(os.path.join(run, "checkpoint", "policy", "model.safetensors"))
@@ -502,13 +674,14 @@ class SeedLengthEnv:
 
 def test_evaluate_scores_exactly_the_held_out_seeds_however_long_their_episodes(monkeypatch):
     # finishing order favours the short (here: winning) episodes; taking the first N to finish would say 1.0
-    monkeypatch.setattr(afsft, "make", lambda args: SeedLengthEnv())
-    monkeypatch.setattr(afsft, "act", lambda agent, observations, *rest: ["x"] * len(observations))
+    monkeypatch.setattr(afsft, "make_env", lambda args: SeedLengthEnv())
+    monkeypatch.setattr(afsft, "generate", lambda agent, images, *rest: ["x"] * len(images))
     agent = torch.nn.Linear(1, 1)
     result = afsft.evaluate(agent, afsft.Args(num_envs=4), episodes=8, device="cpu", seed=10)
     assert result["success_rate"] == 0.5 and result["mean_return"] == 0.5 and result["episodes"] == 8
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_losses(tmp_path, dataset):
     losses = []
     for name in ("a", "b"):
@@ -516,7 +689,7 @@ def test_same_seed_gives_the_same_losses(tmp_path, dataset):
         result = run_cli("--offline", dataset, "--out", run, "--offline-steps", "4", "--eval-episodes", "0",
                          "--sft-warmup", "0.5", "--log-every", "1", *SMALL[:-2])
         assert result.returncode == 0, result.stderr[-3000:]
-        losses.append([(m["actor_loss"], m["critic_loss"]) for m in read_metrics(run)])
+        losses.append([(m["losses/actor"], m["losses/critic"]) for m in read_metrics(run)])
     assert len(losses[0]) == 4 and losses[0] == losses[1]
 
 
@@ -534,7 +707,8 @@ def act(env, text, scheme="tag"):
 
 def checked(env):
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(render fps|spec).*")  # no registry spec: made by make_env
+        # no registry spec: made by make_env
+        warnings.filterwarnings("ignore", message=".*(render fps|spec).*")
         check_env(env)
 
 
@@ -693,7 +867,8 @@ def test_blackjack_rules(monkeypatch):
 # ---------------------------------------------------------------------------
 # gym_cards: the scripted policies
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name, least", [("numberline", 1.0), ("ezpoints", 1.0), ("points24", 0.5), ("blackjack", 0.25)])
+@pytest.mark.parametrize("name, least", [("numberline", 1.0), ("ezpoints", 1.0), ("points24", 0.5),
+                                         ("blackjack", 0.25)])
 def test_cards_expert_success(name, least):
     env, rng = envs.make_env(name), np.random.default_rng(0)
     episodes = [envs.collect_episode(env, "expert", rng, seed=s) for s in range(40)]
@@ -702,8 +877,9 @@ def test_cards_expert_success(name, least):
 
 def test_blackjack_expert_follows_basic_strategy():
     env = envs.make_env("blackjack", seed=0)
-    for player, up, action in [([10, 6], 7, "hit"), ([10, 6], 6, "stand"), ([10, 2], 3, "hit"), ([10, 2], 4, "stand"),
-                               ([1, 7], 9, "hit"), ([1, 7], 8, "stand"), ([10, 7], 1, "stand"), ([5, 6], 6, "hit")]:
+    for player, up, action in [([10, 6], 7, "hit"), ([10, 6], 6, "stand"), ([10, 2], 3, "hit"),
+                               ([10, 2], 4, "stand"), ([1, 7], 9, "hit"), ([1, 7], 8, "stand"),
+                               ([10, 7], 1, "stand"), ([5, 6], 6, "hit")]:
         env.player, env.dealer = [(r, 0) for r in player], [(up, 0), (10, 0)]
         assert env.action_words[env.expert_action()] == action, (player, up)
 
@@ -730,15 +906,18 @@ def test_expert_continues_a_formula_or_gives_up():
     assert env.action_words[env.expert_action()] == "="
 
 
-@pytest.mark.parametrize("name, scheme", [("numberline", "tag"), ("ezpoints", "json"), ("points24", "tag"), ("blackjack", "json")])
+@pytest.mark.parametrize("name, scheme", [("numberline", "tag"), ("ezpoints", "json"), ("points24", "tag"),
+                                          ("blackjack", "json")])
 def test_cards_collect_round_trip(name, scheme, tmp_path):
     out = str(tmp_path / "data.pt")
-    envs.main(["collect", "--env", name, "--policy", "mixed", "--episodes", "4", "--scheme", scheme, "--out", out])
+    envs.main(["collect", "--env", name, "--policy", "mixed", "--episodes", "4", "--scheme", scheme,
+               "--out", out])
     data = envs.load_dataset(out, env_name=name)
     assert data["env"] == name and len(data["episodes"]) == 4
-    assert data["episodes"][0]["images"].shape[1:] == (300, 300, 3)
+    assert envs.turn_image(data["episodes"][0], 0).shape == (300, 300, 3)
 
 
+@pytest.mark.slow
 def test_make_env_names():
     assert isinstance(envs.make_env("gym_cards/Points24-v0"), envs.Points24)
     with pytest.raises(ValueError, match="unknown env"):
@@ -771,6 +950,7 @@ def test_missing_browser_says_what_to_install(monkeypatch):
         envs.make_env("miniwob")
 
 
+@pytest.mark.slow
 def test_miniwob_parser(click_test_2):
     env = click_test_2
     env.reset(seed=0)
@@ -785,6 +965,7 @@ def test_miniwob_parser(click_test_2):
         assert env.parse_env(garbage) is None, garbage
 
 
+@pytest.mark.slow
 def test_miniwob_rules_timer_and_turn_cap(click_test_2):
     env = click_test_2
     obs, _ = env.reset(seed=0)
@@ -800,6 +981,7 @@ def test_miniwob_rules_timer_and_turn_cap(click_test_2):
     assert [r[3] for r in results] == [False] * 4 + [True] and not any(r[2] for r in results)
 
 
+@pytest.mark.slow
 def test_miniwob_click_by_coordinates(click_test_2):
     env = click_test_2
     env.reset(seed=0)
@@ -808,17 +990,19 @@ def test_miniwob_click_by_coordinates(click_test_2):
     assert act(env, f"click(x={x}, y={y})")[1] == 1.0
 
 
+@pytest.mark.slow
 def test_miniwob_check_env_and_collect_round_trip(click_test_2, tmp_path):
     checked(click_test_2)
     rng = np.random.default_rng(0)
     episodes = [envs.collect_episode(click_test_2, "mixed", rng, seed=s) for s in range(3)]
     path = str(tmp_path / "data.pt")
-    envs.torch.save({"format": envs.DATASET_FORMAT, "env": "miniwob", "episodes": episodes}, path)
+    envs.save_dataset(path, "miniwob", episodes)
     data = envs.load_dataset(path, env_name="miniwob/click-test-2-v1")
-    assert data["episodes"][0]["images"].shape[1:] == (210, 160, 3)
+    assert envs.turn_image(data["episodes"][0], 0).shape == (210, 160, 3)
 
 
 @pytest.mark.parametrize("task", ["click-test", "click-button", "click-link", "click-dialog"])
+@pytest.mark.slow
 def test_miniwob_expert_solves_easy_tasks(task):
     env = miniwob_env(task)
     try:
@@ -829,25 +1013,29 @@ def test_miniwob_expert_solves_easy_tasks(task):
 
 
 @pytest.mark.parametrize("name", CARDS + ["miniwob"])
+@pytest.mark.slow
 def test_every_domain_trains_through_the_cli(name, tmp_path):
     if name == "miniwob":
         miniwob_env("click-test-2").close()  # skips with the install hint where Chromium is missing
     data, run = str(tmp_path / "data.pt"), str(tmp_path / "run")
-    result = run_cli("collect", "--env", name, "--policy", "mixed", "--episodes", "4", "--out", data, script="envs.py")
+    result = run_cli("collect", "--env", name, "--policy", "mixed", "--episodes", "4", "--out", data,
+                     script="envs.py")
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli("--env", name, "--offline", data, "--out", run, "--offline-steps", "2", "--online-steps", "1",
-                     "--eval-episodes", "1", "--image-size", "64", *SMALL)
+    result = run_cli("--env", name, "--offline", data, "--out", run, "--offline-steps", "2",
+                     "--online-rounds", "1", "--eval-episodes", "1", *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(run, "eval.json")) as f:
         assert json.load(f)["episodes"] == 1
 
 
+@pytest.mark.slow
 def test_miniwob_browser_death_truncates_the_episode_and_restarts_it():
     env = miniwob_env("click-test-2")
     try:
         obs, _ = env.reset(seed=0)
         env.inner.instance.driver.quit()  # the browser dies under the env
-        obs2, reward, terminated, truncated, info = env.step("[action] " + env.action_words[env.expert_action()])
+        obs2, reward, terminated, truncated, info = env.step("[action] "
+                                                             + env.action_words[env.expert_action()])
         assert (reward, terminated, truncated) == (0.0, False, True) and obs2["prompt"] == obs["prompt"]
         obs, _ = env.reset(seed=1)  # a new browser
         assert act(env, env.action_words[env.expert_action()])[1] == 1.0
@@ -857,6 +1045,7 @@ def test_miniwob_browser_death_truncates_the_episode_and_restarts_it():
         env.close()
 
 
+@pytest.mark.slow
 def test_a_browser_that_keeps_dying_stops_the_run_cleanly_with_a_checkpoint(tmp_path, dataset, monkeypatch):
     env = miniwob_env("click-test-2")
     env.inner.instance.driver.quit()
@@ -869,7 +1058,7 @@ def test_a_browser_that_keeps_dying_stops_the_run_cleanly_with_a_checkpoint(tmp_
     monkeypatch.setattr(afsft.Rollout, "step", dying)
     run = str(tmp_path / "run")
     with pytest.raises(SystemExit, match="checkpoint saved at step 2, continue with --resume"):
-        afsft.main(["--offline", dataset, "--out", run, "--offline-steps", "2", "--online-steps", "2",
+        afsft.main(["--offline", dataset, "--out", run, "--offline-steps", "2", "--online-rounds", "2",
                     "--eval-episodes", "0", *SMALL])
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)["step"] == 2
 
@@ -880,17 +1069,21 @@ def test_a_browser_that_keeps_dying_stops_the_run_cleanly_with_a_checkpoint(tmp_
 # the GPU flags; and torchrun
 # ---------------------------------------------------------------------------
 FAMILY_TEMPLATES = {  # the families' chat templates, cut down to one image and text per message
-    "llava": "{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
-             "<image>\n{% else %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
-             "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
-    "idefics3": "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}{% if m['content'][0]['type'] == 'image' %}:"
-                "{% else %}: {% endif %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<image>"
-                "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}",
-    "qwen2_vl": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}"
-                "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "llava": "{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}"
+             "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+             "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}",
+    "idefics3": "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
+                "{% if m['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}"
+                "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<image>"
+                "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+                "{% if add_generation_prompt %}Assistant:{% endif %}",
+    "qwen2_vl": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}"
+                "{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
 }
-FAMILY_END = {"llava": "</s>", "idefics3": "<end_of_utterance>", "qwen2_vl": "<|im_end|>", "paligemma": "<eos>"}
+FAMILY_END = {"llava": "</s>", "idefics3": "<end_of_utterance>", "qwen2_vl": "<|im_end|>",
+              "paligemma": "<eos>"}
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
 
@@ -901,10 +1094,12 @@ def family_tokenizer(corpus, specials, eos, bos=None, adds_bos=False):
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if adds_bos:
-        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bpe.token_to_id(bos))])
+        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, bpe.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=specials[0])
 
 
@@ -913,45 +1108,57 @@ def build_family(family, corpus, path, side=32):
     images) and its real processor class with the PIL image processor, saved to `path`."""
     import transformers as T
 
-    text = dict(vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=side, patch_size=8)
-    if family == "llava":  # LLaVA-1.5: CLIP tower, Llama, "USER: <image>\n... ASSISTANT:", a tokenizer that adds <s>
+    text = dict(vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=side, patch_size=8)
+    # LLaVA-1.5: CLIP tower, Llama, "USER: <image>\n... ASSISTANT:", a tokenizer that adds <s>
+    if family == "llava":
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
         tok = family_tokenizer(corpus, ["<pad>", "<s>", "</s>", "<image>"], "</s>", bos="<s>", adds_bos=True)
-        processor = T.LlavaProcessor(CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size=side), tok, patch_size=8,
-                                     vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                     chat_template=FAMILY_TEMPLATES[family])
+        processor = T.LlavaProcessor(CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size=side), tok,
+                                     patch_size=8, vision_feature_select_strategy="default",
+                                     num_additional_image_tokens=1, chat_template=FAMILY_TEMPLATES[family])
         config = T.LlavaConfig(vision_config=T.CLIPVisionConfig(**vision, projection_dim=32),
                                text_config=T.LlamaConfig(**{**text, "vocab_size": len(tok)}, pad_token_id=0),
                                image_token_id=tok.convert_tokens_to_ids("<image>"))
-    elif family == "idefics3":  # SmolVLM: SigLIP-like tower, pixel shuffle, Llama; the template writes the BOS
+    # SmolVLM: SigLIP-like tower, pixel shuffle, Llama; the template writes the BOS
+    elif family == "idefics3":
         from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
         tok = family_tokenizer(corpus, ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>",
-                                        "<fake_token_around_image>", "<global-img>"], "<end_of_utterance>", bos="<|im_start|>")
+                                        "<fake_token_around_image>", "<global-img>"], "<end_of_utterance>",
+                               bos="<|im_start|>")
         image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": side},
                                                     max_image_size={"longest_edge": side})
         processor = T.Idefics3Processor(image_processor, tok, image_seq_len=(side // 8) ** 2 // 4,
                                         chat_template=FAMILY_TEMPLATES[family])
-        config = T.Idefics3Config(vision_config=vision, text_config=T.LlamaConfig(**{**text, "vocab_size": len(tok)}, pad_token_id=0),
+        config = T.Idefics3Config(vision_config=vision,
+                                  text_config=T.LlamaConfig(**{**text, "vocab_size": len(tok)},
+                                                            pad_token_id=0),
                                   image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
-    elif family == "qwen2_vl":  # Qwen2-VL: its own tower, M-RoPE, ChatML; EOS <|endoftext|> as in the base checkpoint
+    # Qwen2-VL: its own tower, M-RoPE, ChatML; EOS <|endoftext|> as in the base checkpoint
+    elif family == "qwen2_vl":
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-        tok = family_tokenizer(corpus, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                                        "<|image_pad|>", "<|video_pad|>"], "<|endoftext|>")
+        tok = family_tokenizer(corpus, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                        "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], "<|endoftext|>")
         image_processor = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
                                                    min_pixels=side ** 2, max_pixels=side ** 2)
         ids = {key: tok.convert_tokens_to_ids(f"<|{name}|>") for key, name in [
             ("image_token_id", "image_pad"), ("video_token_id", "video_pad"),
             ("vision_start_token_id", "vision_start"), ("vision_end_token_id", "vision_end")]}
-        config = T.Qwen2VLConfig(vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8),
-                                 text_config=T.Qwen2VLTextConfig(**{**text, "vocab_size": len(tok)}, pad_token_id=0, bos_token_id=None, eos_token_id=0,
-                                                                 rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                                                                  "mrope_section": [2, 3, 3]}), **ids)
+        config = T.Qwen2VLConfig(
+            vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8),
+            text_config=T.Qwen2VLTextConfig(**{**text, "vocab_size": len(tok)}, pad_token_id=0,
+                                            bos_token_id=None, eos_token_id=0,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                             "mrope_section": [2, 3, 3]}),
+            **ids)
         if HAS_TORCHVISION:
-            processor = T.Qwen2VLProcessor(image_processor, tok, T.Qwen2VLVideoProcessor(patch_size=8, merge_size=2),
+            processor = T.Qwen2VLProcessor(image_processor, tok,
+                                           T.Qwen2VLVideoProcessor(patch_size=8, merge_size=2),
                                            chat_template=FAMILY_TEMPLATES[family])
-        else:  # transformers 5 cannot build Qwen2VLProcessor (its video half) without torchvision: save its parts
+        # transformers 5 cannot build Qwen2VLProcessor (its video half) without torchvision: save its parts
+        else:
             processor = None
             tok.save_pretrained(path)
             image_processor.save_pretrained(path)
@@ -959,16 +1166,19 @@ def build_family(family, corpus, path, side=32):
                 json.dump({"processor_class": "Qwen2VLProcessor"}, f)
             with open(os.path.join(path, "chat_template.jinja"), "w") as f:
                 f.write(FAMILY_TEMPLATES[family])
-    elif family == "paligemma":  # PaliGemma: SigLIP, Gemma, tied embeddings, no chat template (prefix + suffix)
+    # PaliGemma: SigLIP, Gemma, tied embeddings, no chat template (prefix + suffix)
+    elif family == "paligemma":
         from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
         tok = family_tokenizer(corpus, ["<pad>", "<eos>", "<bos>", "<image>"], "<eos>", bos="<bos>")
         image_processor = SiglipImageProcessorPil(size={"height": side, "width": side})
         image_processor.image_seq_length = (side // 8) ** 2
-        processor = T.PaliGemmaProcessor(image_processor, tok)  # adds its 1152 <loc>/<seg> tokens to the vocabulary
+        # adds its 1152 <loc>/<seg> tokens to the vocabulary
+        processor = T.PaliGemmaProcessor(image_processor, tok)
         config = T.PaliGemmaConfig(vision_config=dict(model_type="siglip_vision_model", **vision),
-                                   text_config=dict(model_type="gemma", **{**text, "vocab_size": len(tok)}, head_dim=16, pad_token_id=0),
-                                   image_token_index=tok.convert_tokens_to_ids("<image>"), vocab_size=len(tok),
-                                   projection_dim=64, hidden_size=64)
+                                   text_config=dict(model_type="gemma", **{**text, "vocab_size": len(tok)},
+                                                    head_dim=16, pad_token_id=0),
+                                   image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                   vocab_size=len(tok), projection_dim=64, hidden_size=64)
     torch.manual_seed(0)
     T.AutoModelForImageTextToText.from_config(config).save_pretrained(path)
     if processor is not None:
@@ -983,7 +1193,9 @@ def numberline_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
-    corpus = afsft.tiny_corpus(envs.make_env("numberline"), None)
+    env = envs.make_env("numberline")
+    corpus = [env.reset(seed=seed)[0]["prompt"] for seed in range(20)]
+    corpus += [envs.format_response(a) for a in env.action_words] * 3
     return {name: build_family(name, corpus, str(tmp_path_factory.mktemp(name))) for name in FAMILY_END}
 
 
@@ -1002,69 +1214,83 @@ def stub_qwen2_vl_video_processor(monkeypatch, path):
 
 
 @pytest.mark.parametrize("family", list(FAMILY_END))
+@pytest.mark.slow
 def test_family_lora_heads_and_encoding(family, families, monkeypatch):
     if family == "qwen2_vl" and not HAS_TORCHVISION:
         stub_qwen2_vl_video_processor(monkeypatch, families[family])
     from peft.tuners.lora import LoraLayer
 
     torch.manual_seed(0)
-    agent = afsft.load_agent(afsft.Args(finetune="lora", lora_rank=2, critic_rank=4, critic_init="lm"), families[family])
+    agent = afsft.load_agent(afsft.Args(finetune="lora", lora_rank=2, critic_rank=4, critic_init="lm"),
+                             families[family])
     # LoRA on every linear layer of the language model (2 layers x q k v o gate up down), nowhere else
     decoder = agent.vlm.get_decoder()
     adapted = [m for m in agent.vlm.modules() if isinstance(m, LoraLayer)]
     assert len(adapted) == 14 and all(any(m is d for d in decoder.modules()) for m in adapted)
     assert all("lora_" in n for n, p in agent.policy.named_parameters() if p.requires_grad)
-    # the critic head has the language head's shape (the vocabulary with the processor's added tokens) and starts at its logits
+    # the critic head has the language head's shape (the vocabulary with the processor's added tokens) and
+    # starts at its logits
     lm_head = agent.vlm.get_output_embeddings()
-    assert agent.critic.base.weight.shape == lm_head.weight.shape and lm_head.out_features >= len(agent.processor.tokenizer)
+    assert (agent.critic.base.weight.shape == lm_head.weight.shape
+            and lm_head.out_features >= len(agent.processor.tokenizer))
     h = torch.randn(3, lm_head.in_features)
     assert torch.allclose(agent.critic(h), lm_head(h), atol=1e-5)
     # responses end in the family's end-of-turn token; each state position predicts the next response token
     obs, _ = envs.make_env("numberline").reset(seed=0)
-    inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [obs["image"]] * 2, [obs["prompt"], "short"],
+    inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [obs["image"]] * 2,
+                                                       [obs["prompt"], "short"],
                                                        ["[action] +", "[action] - please"])
     tokenizer = agent.processor.tokenizer
     ends = torch.cumsum(lengths, 0) - 1
     assert tokenizer.convert_ids_to_tokens(tokens[ends].tolist()) == [FAMILY_END[family]] * 2
     for b in range(2):
         positions = state_mask[b].nonzero()[:, 0]
-        assert inputs["input_ids"][b, positions + 1].tolist() == tokens[ends[b] + 1 - lengths[b]:ends[b] + 1].tolist()
-        assert inputs["attention_mask"][b, :positions[-1] + 2].all() and not inputs["attention_mask"][b, positions[-1] + 2:].any()
+        assert (inputs["input_ids"][b, positions + 1].tolist()
+                == tokens[ends[b] + 1 - lengths[b]:ends[b] + 1].tolist())
+        assert (inputs["attention_mask"][b, :positions[-1] + 2].all()
+                and not inputs["attention_mask"][b, positions[-1] + 2:].any())
     if family == "paligemma":  # the prefix attends both ways, the response causally
         assert (inputs["token_type_ids"][state_mask.roll(1, 1)] == 1).all()
     assert agent.features(inputs, state_mask).shape == (int(lengths.sum()), lm_head.in_features)
 
 
-FAMILY_FLAGS = {"llava": ["--gradient-checkpointing"], "idefics3": ["--dtype", "bf16"], "qwen2_vl": [], "paligemma": []}
+FAMILY_FLAGS = {"llava": ["--gradient-checkpointing"], "idefics3": ["--dtype", "bf16"], "qwen2_vl": [],
+                "paligemma": []}
 
 
 @pytest.mark.parametrize("family", list(FAMILY_END))
+@pytest.mark.slow
 def test_family_trains_through_the_cli(family, families, numberline_data, tmp_path):
     if family == "qwen2_vl" and not HAS_TORCHVISION:
         pytest.skip("transformers 5 builds Qwen2-VL's video processor on torchvision; "
                     "test_qwen2_vl_without_torchvision covers the rest")
     run = str(tmp_path / "run")
-    result = run_cli("--env", "numberline", "--model", families[family], "--offline", numberline_data, "--out", run,
-                     "--offline-steps", "3", "--online-steps", "1", "--eval-episodes", "2", *SMALL, *FAMILY_FLAGS[family])
+    result = run_cli("--env", "numberline", "--model", families[family], "--offline", numberline_data,
+                     "--out", run, "--offline-steps", "3", "--online-rounds", "1", "--eval-episodes", "2",
+                     *SMALL, *FAMILY_FLAGS[family])
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(run, "eval.json")) as f:
         assert json.load(f)["episodes"] == 2
     assert os.path.exists(os.path.join(run, "checkpoint", "policy", "adapter_config.json"))
 
 
-@pytest.mark.skipif(HAS_TORCHVISION, reason="with torchvision, test_family_trains_through_the_cli runs Qwen2-VL")
+@pytest.mark.skipif(HAS_TORCHVISION,
+                    reason="with torchvision, test_family_trains_through_the_cli runs Qwen2-VL")
+@pytest.mark.slow
 def test_qwen2_vl_without_torchvision(families, numberline_data, tmp_path, monkeypatch):
-    flags = ["--env", "numberline", "--model", families["qwen2_vl"], "--offline", numberline_data, "--offline-steps", "3",
-             "--online-steps", "1", "--eval-episodes", "2", *SMALL]
+    flags = ["--env", "numberline", "--model", families["qwen2_vl"], "--offline", numberline_data,
+             "--offline-steps", "3", "--online-rounds", "1", "--eval-episodes", "2", *SMALL]
     result = run_cli(*flags, "--out", str(tmp_path / "cli"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "Qwen2VLVideoProcessor requires the Torchvision library" in result.stderr and "pip install torchvision" in result.stderr
+    assert ("Qwen2VLVideoProcessor requires the Torchvision library" in result.stderr
+            and "pip install torchvision" in result.stderr)
     stub_qwen2_vl_video_processor(monkeypatch, families["qwen2_vl"])
     run = str(tmp_path / "stubbed")
     assert afsft.train(afsft.parse_args([*flags, "--out", run]))["episodes"] == 2
     assert os.path.exists(os.path.join(run, "checkpoint", "policy", "adapter_config.json"))
 
 
+@pytest.mark.slow
 def test_bf16_trunk_fp32_heads_and_gradient_checkpointing(families):
     args = afsft.Args(finetune="lora", lora_rank=2, critic_rank=4, dtype="bf16", gradient_checkpointing=True)
     agent = afsft.load_agent(args, families["llava"]).train()
@@ -1072,7 +1298,7 @@ def test_bf16_trunk_fp32_heads_and_gradient_checkpointing(families):
     calls = []  # checkpointing runs each decoder layer's forward (so its MLP) again during backward
     agent.vlm.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     batch = afsft.Buffer([make_episode(4, True, image_side=32)]).sample(np.random.default_rng(0), 4, 2)
-    loss, _ = afsft.afsft_loss(agent, batch, args, use_filter=True, device="cpu")
+    loss, _ = afsft.afsft_loss(agent, batch, args, warmup=False, device="cpu")
     assert loss.dtype == torch.float32 and len(calls) == 2  # the forward, and the bootstrap's no-grad forward
     loss.backward()
     assert len(calls) == 3 and all(p.grad is not None for p in agent.parameters() if p.requires_grad)
@@ -1085,21 +1311,25 @@ def test_generation_reuses_the_kv_cache(tiny):
         lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
     obs, _ = envs.make_env("babyai").reset(seed=0)
     try:
-        afsft.act(agent, [obs, obs], 0.0, 6, "cpu")
+        afsft.generate(agent, [obs["image"]] * 2, [obs["prompt"]] * 2, 0.0, 6, "cpu")
     finally:
         hook.remove()
     assert lengths[0] > 10 and len(lengths) > 1 and set(lengths[1:]) == {1}
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_end_with_the_same_weights(numberline_data, tmp_path):
     run = str(tmp_path / "run")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             os.path.join(HERE, "afsft.py"), "--env", "numberline", "--offline", numberline_data, "--out", run,
-                             "--offline-steps", "3", "--online-steps", "1", "--eval-episodes", "2", "--image-size", "32", *SMALL],
-                            capture_output=True, text=True, timeout=600, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", os.path.join(HERE, "afsft.py"), "--env", "numberline",
+                             "--offline", numberline_data, "--out", run, "--offline-steps", "3",
+                             "--online-rounds", "1", "--eval-episodes", "2", *SMALL],
+                            capture_output=True, text=True, timeout=600, cwd=HERE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    digests = dict(re.findall(r"rank (\d+): trainable weights sha1 (\w+)", result.stdout))
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    # afsft.py ends a DDP run by comparing every rank's weights (a checksum per tensor) and fails if they
+    # differ
+    assert "different weights" not in result.stderr
     steps = [m["step"] for m in read_metrics(run)]  # written by rank 0 alone
     assert steps == [2, 4, 5, 5] and json.load(open(os.path.join(run, "eval.json")))["episodes"] == 2
     assert os.path.exists(os.path.join(run, "checkpoint", "state.pt"))

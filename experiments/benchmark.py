@@ -4,27 +4,25 @@
     python experiments/benchmark.py --device cuda --sizes tiny,large
     python experiments/benchmark.py --quick --profile       # where AFSFT's extra time goes
 
-It prints four sections:
-1. Update cost, SFT (`--filter none`) against AFSFT (binary filter, after its warm-up) on the SAME batch
-   (one `Buffer.sample` output), for each model size. One update is what `afsft.train` does per step:
-   `afsft_loss`, backward, gradient clipping, the optimizer step and the target EMA. Times are medians of
-   timed iterations after warm-up ones, the two methods interleaved. On CPU the time is this process's CPU
-   time, which other processes on the same cores do not inflate (wall-clock is printed beside it); on
-   CUDA it is wall-clock. Peak memory is measured in a fresh subprocess per size and method: on CUDA
-   `torch.cuda.max_memory_allocated`; on CPU the peak resident set size (Linux's VmHWM, reset after the
-   model is loaded) minus the process's size before the model was loaded, so it counts weights, gradients,
-   optimizer state and activations, as the CUDA number does (glibc is told to return freed tensors to
-   the OS at once, so the peak follows the live tensors, not the allocator's cache). The bar of DESIGN.md section 4 (AFSFT at most
-   1.15x SFT's time and 1.10x its memory) is printed as PASS or FAIL, never asserted.
-2. Rollout throughput of `afsft.Rollout`: env steps per second against --num-envs, tiny model.
-3. Update time against response length (tokens per response) and against --batch-turns, tiny model.
-4. With --profile: AFSFT's update split into parts, and torch.profiler's top operators.
+It prints four sections: 1. Update cost, SFT (`--filter none`) against AFSFT (binary filter, after its warm-
+up) on the SAME batch (one `Buffer.sample` output), for each model size. One update is `afsft.gradient_step`,
+what `afsft.train` does per step: `afsft_loss`, backward, gradient clipping, the optimizer step and the target
+EMA. Times are medians of timed iterations after warm-up ones, the two methods interleaved. On CPU the time is
+this process's CPU time, which other processes on the same cores do not inflate (wall-clock is printed beside
+it); on CUDA it is wall-clock. Peak memory is measured in a fresh subprocess per size and method: on CUDA
+`torch.cuda.max_memory_allocated`; on CPU the peak resident set size (Linux's VmHWM, reset after the model is
+loaded) minus the process's size before the model was loaded, so it counts weights, gradients, optimizer state
+and activations, as the CUDA number does (glibc is told to return freed tensors to the OS at once, so the peak
+follows the live tensors, not the allocator's cache). The bar (AFSFT at most 1.15x SFT's time and 1.10x its
+memory) is printed as PASS or FAIL, never asserted. 2. Rollout throughput of `afsft.Rollout`: env steps per
+second against --num-envs, tiny model. 3. Update time against response length (tokens per response) and
+against --batch-turns, tiny model. 4. With --profile: AFSFT's update split into parts, and torch.profiler's
+top operators.
 
-Sizes: `tiny` is afsft's default model (Llama text model of width 192, 3 layers); `large` is the same
-LLaVA with a text model of width 512 and 8 layers. Both are built here from `afsft.build_tiny_vlm`'s
-output; `--vocab` pads the vocabulary of `large` (rows the tokenizer never emits) to see how the critic
-head's cost grows with the vocabulary, which is 512 in the tiny tokenizer but 150k in Qwen2-VL.
-"""
+Sizes: `tiny` is afsft's default model (Llama text model of width 192, 3 layers); `large` is the same LLaVA
+with a text model of width 512 and 8 layers and random weights, built here from the tiny base's config;
+`--vocab` pads the vocabulary of `large` (rows the tokenizer never emits) to see how the critic head's cost
+grows with the vocabulary, which is 1024 in the tiny tokenizer but 150k in Qwen2-VL."""
 import argparse
 import json
 import os
@@ -37,7 +35,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import afsft  # noqa: E402
@@ -56,8 +53,7 @@ def build_models(root, sizes, env, dataset, vocab):
     padded vocabulary). Returns {size: model directory}."""
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-    paths = {"tiny": os.path.join(root, "tiny")}
-    afsft.build_tiny_vlm(afsft.tiny_corpus(env, dataset), 56, paths["tiny"])
+    paths = {"tiny": afsft.TINY_BASE}
     if "large" in sizes:
         paths["large"] = os.path.join(root, "large")
         config = LlavaConfig.from_pretrained(paths["tiny"])
@@ -72,7 +68,8 @@ def build_models(root, sizes, env, dataset, vocab):
 def collect(env, episodes, seed=0):
     """A BabyAI dataset like the results' (mixed, 30% expert), collected in-process."""
     rng = np.random.default_rng(seed)
-    return {"episodes": [envs.collect_episode(env, "mixed", rng, seed=seed * 100_003 + i) for i in range(episodes)]}
+    return {"episodes": [envs.collect_episode(env, "mixed", rng, seed=seed * 100_003 + i)
+                         for i in range(episodes)]}
 
 
 def lengthen(batch, tokens):
@@ -85,7 +82,8 @@ def save_batch(batch, path):
     """The batch as tensors, strings and lists only, so that the workers load it with weights_only=True."""
     out = dict(batch)
     for key in ("images", "boot_images"):
-        out[key] = torch.from_numpy(np.stack(batch[key])) if len(batch[key]) else torch.zeros(0, dtype=torch.uint8)
+        out[key] = (torch.from_numpy(np.stack(batch[key])) if len(batch[key])
+                    else torch.zeros(0, dtype=torch.uint8))
     torch.save(out, path)
 
 
@@ -109,13 +107,8 @@ def load(path, args, device):
 
 
 def update(agent, params, optimizer, batch, args, device):
-    """One training step exactly as `afsft.train`'s `update`: AFSFT with its filter on (past warm-up)."""
-    loss, _ = afsft.afsft_loss(agent, batch, args, use_filter=True, device=device)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(params, args.grad_clip)
-    optimizer.step()
-    agent.update_target(args.tau)
+    """One training step: afsft.py's own `gradient_step`, AFSFT with its filter on (past the warm-up)."""
+    afsft.gradient_step(agent, optimizer, batch, args, warmup=False, device=device)
 
 
 def sync(device):
@@ -152,7 +145,7 @@ def status_kb(field):
 
 def memory_worker(spec):
     """Runs in a subprocess: load the model, take `updates` steps on the saved batch, print the peak."""
-    import peft, transformers  # noqa: F401  (imported before the baseline: libraries are not the model)
+    import transformers  # noqa: F401  (imported before the baseline: libraries are not the model)
 
     transformers.logging.set_verbosity_error()
     device = torch.device(spec["device"])
@@ -167,7 +160,8 @@ def memory_worker(spec):
             f.write("5")
     for _ in range(spec["updates"]):
         update(agent, params, optimizer, batch, args, device)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else (status_kb("VmHWM") - before) * 1024
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else (status_kb("VmHWM") - before) * 1024)
     print(json.dumps({"peak_bytes": peak}))
 
 
@@ -180,7 +174,8 @@ def peak_memory(model, batch_file, device, finetune, updates):
     for method in ("sft", "afsft"):
         spec = {"model": model, "method": method, "batch": batch_file, "device": str(device),
                 "finetune": finetune, "updates": updates}
-        workers[method] = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        workers[method] = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
+                                            json.dumps(spec)],
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peaks = {}
     for method, worker in workers.items():
@@ -203,10 +198,12 @@ def update_cost(paths, batch, batch_file, device, opt):
     print(f"\n## 1. Update cost, SFT vs AFSFT on the same batch ({len(batch['prompts'])} turns, "
           f"{len(batch['boot_prompts'])} bootstrap prompts, --finetune {opt.finetune})")
     print(f"time: median of {opt.iters} updates after {opt.warmup} warm-up, SFT and AFSFT interleaved; "
-          + ("'s' is this process's CPU time (time.process_time), 'wall' is wall-clock" if cpu else "'s' is wall-clock"))
-    print("memory: " + ("peak RSS (VmHWM) of a fresh process minus its size before the model was loaded" if cpu
-                        else "torch.cuda.max_memory_allocated in a fresh process"))
-    print("| size | trainable params | SFT s | AFSFT s | time ratio | wall ratio | SFT peak MB | AFSFT peak MB | memory ratio |")
+          + ("'s' is this process's CPU time (time.process_time), 'wall' is wall-clock" if cpu
+             else "'s' is wall-clock"))
+    print("memory: " + ("peak RSS (VmHWM) of a fresh process minus its size before the model was loaded"
+                        if cpu else "torch.cuda.max_memory_allocated in a fresh process"))
+    print("| size | trainable params | SFT s | AFSFT s | time ratio | wall ratio | SFT peak MB "
+          "| AFSFT peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     ratios = {}
     for size, path in paths.items():
@@ -218,7 +215,8 @@ def update_cost(paths, batch, batch_file, device, opt):
         peak = peak_memory(path, batch_file, device, opt.finetune, opt.memory_updates)
         ratios[size] = (s["afsft"][0] / s["sft"][0], s["afsft"][1] / s["sft"][1], peak["afsft"] / peak["sft"])
         print(f"| {size} | {n_params:,} | {s['sft'][0]:.3f} | {s['afsft'][0]:.3f} | {ratios[size][0]:.3f} | "
-              f"{ratios[size][1]:.3f} | {peak['sft'] / 2**20:.0f} | {peak['afsft'] / 2**20:.0f} | {ratios[size][2]:.3f} |")
+              f"{ratios[size][1]:.3f} | {peak['sft'] / 2**20:.0f} | {peak['afsft'] / 2**20:.0f} | "
+              f"{ratios[size][2]:.3f} |")
     for size, (t, wall, m) in ratios.items():
         print(f"{size}: time {verdict(t, TIME_BAR)}" + (f", wall {verdict(wall, TIME_BAR)}" if cpu else "")
               + f", memory {verdict(m, MEMORY_BAR)}")
@@ -227,7 +225,8 @@ def update_cost(paths, batch, batch_file, device, opt):
 
 def rollout_throughput(path, device, opt):
     print(f"\n## 2. Rollout throughput: afsft.Rollout on {opt.env}, tiny model, sampling at temperature 1, "
-          f"responses of up to {afsft.Args.max_new_tokens} tokens, {opt.rollout_turns} batched turns after 1 warm-up")
+          f"responses of up to {afsft.Args.max_new_tokens} tokens, {opt.rollout_turns} batched turns "
+          "after 1 warm-up")
     print("| --num-envs | env steps/s | env steps per CPU s | s per batched turn |")
     print("|---|---|---|---|")
     for n in opt.num_envs:
@@ -256,14 +255,17 @@ def scaling(path, buffer, device, opt):
               f"{s['afsft'][0] / s['sft'][0]:.3f} |")
 
     def tokens(batch, n):  # mean tokens per response, as encode cuts them
-        return afsft.encode(agent.processor, batch["images"], batch["prompts"], batch["actions"], n)[3].float().mean()
+        return afsft.encode(agent.processor, batch["images"], batch["prompts"], batch["actions"],
+                            n)[3].float().mean()
 
     batch = buffer.sample(np.random.default_rng(0), afsft.Args.batch_turns, afsft.Args.run_length)
-    print("| tokens per response (32 turns) | bootstrap prompts | SFT s | AFSFT s | ratio |\n|---|---|---|---|---|")
+    print("| tokens per response (32 turns) | bootstrap prompts | SFT s | AFSFT s | ratio |\n"
+          "|---|---|---|---|---|")
     row(f"{tokens(batch, afsft.Args.max_new_tokens):.1f} (the dataset's own)", batch)
     for n in opt.lengths:
         row(f"{tokens(lengthen(batch, n), n):.1f}", lengthen(batch, n), max_new_tokens=n)
-    print("| --batch-turns (dataset's responses) | bootstrap prompts | SFT s | AFSFT s | ratio |\n|---|---|---|---|---|")
+    print("| --batch-turns (dataset's responses) | bootstrap prompts | SFT s | AFSFT s | ratio |\n"
+          "|---|---|---|---|---|")
     for b in opt.batches:
         row(str(b), buffer.sample(np.random.default_rng(0), b, afsft.Args.run_length))
 
@@ -273,16 +275,18 @@ def profile(path, batch, device, opt):
     print("\n## 4. Profile of the update, tiny model")
     args = method_args("afsft", device, finetune=opt.finetune)
     agent, params, optimizer = load(path, args, device)
-    inputs, state_mask, _, _ = afsft.encode(agent.processor, batch["images"], batch["prompts"], batch["actions"],
-                                            args.max_new_tokens)
+    inputs, state_mask, _, _ = afsft.encode(agent.processor, batch["images"], batch["prompts"],
+                                            batch["actions"], args.max_new_tokens)
     inputs, state_mask = inputs.to(device), state_mask.to(device)
     with torch.no_grad():
         h = agent.features(inputs, state_mask).float()
         logits = agent.vlm.get_output_embeddings()(h).float()
     parts = {  # name: (function, needs grad)
-        "encode, the processor (both methods)": (lambda: afsft.encode(agent.processor, batch["images"], batch["prompts"],
-                                                                       batch["actions"], args.max_new_tokens), False),
-        "trunk + language head forward (both)": (lambda: agent.vlm.get_output_embeddings()(agent.features(inputs, state_mask)), True),
+        "encode, the processor (both methods)": (lambda: afsft.encode(agent.processor, batch["images"],
+                                                                       batch["prompts"], batch["actions"],
+                                                                       args.max_new_tokens), False),
+        "trunk + language head forward (both)":
+            (lambda: agent.vlm.get_output_embeddings()(agent.features(inputs, state_mask)), True),
         "critic head forward (AFSFT)": (lambda: agent.critic(h), True),
         "target head + V = sum pi Q (AFSFT)": (lambda: afsft.state_values(logits, agent.target(h)), False),
         f"bootstrap: encode + forward of {len(batch['boot_prompts'])} prompts (AFSFT)":
@@ -297,30 +301,36 @@ def profile(path, batch, device, opt):
                 fn()
             times.append(clock(device) - start)
         print(f"| {name} | {1000 * statistics.median(times[1:]):.1f} |")
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     cuda = device.type == "cuda"
     for name, run_args in (("SFT", method_args("sft", device, finetune=opt.finetune)), ("AFSFT", args)):
         update(agent, params, optimizer, batch, run_args, device)
-        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU]
+                           + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             update(agent, params, optimizer, batch, run_args, device)
         print(f"\n{name} update, top 15 operators by self time:")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=15))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--sizes", default="tiny,large", help="comma-separated: tiny, large (default: tiny,large)")
-    p.add_argument("--quick", action="store_true", help="fewer iterations: about 4 minutes on an idle 2-core machine")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer iterations: about 4 minutes on an idle 2-core machine")
     p.add_argument("--profile", action="store_true", help="also split AFSFT's update into parts (section 4)")
     p.add_argument("--env", default="babyai", help="env of the dataset and the rollouts (default: babyai)")
     p.add_argument("--text-view", action=argparse.BooleanOptionalAction, default=True,
                    help="prompts describe the view in words, as in the results (default: on)")
-    p.add_argument("--finetune", default="full", choices=["full", "lora"],
-                   help="full: what afsft.py does for the random tiny models (default); lora: what it does for a pretrained one")
-    p.add_argument("--vocab", type=int, default=0, help="pad the large model's vocabulary to this size (default: no)")
-    p.add_argument("--episodes", type=int, default=40, help="dataset episodes the batches are sampled from (default: 40)")
+    p.add_argument("--finetune", default="lora", choices=["full", "lora"],
+                   help="lora: afsft.py's default (adapters on the language model); full: every weight")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="pad the large model's vocabulary to this size (default: no)")
+    p.add_argument("--episodes", type=int, default=40,
+                   help="dataset episodes the batches are sampled from (default: 40)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     opt = p.parse_args()
     if opt.worker:
@@ -336,11 +346,13 @@ def main():
 
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto" else opt.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opt.device == "auto"
+                          else opt.device)
     print(f"# benchmark: device {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"env {opt.env}{' --text-view' if opt.text_view else ''}, {'--quick' if opt.quick else 'full'} settings")
+          f"env {opt.env}{' --text-view' if opt.text_view else ''}, "
+          f"{'--quick' if opt.quick else 'full'} settings")
     start, cpu = time.perf_counter(), time.process_time()
-    env = afsft.make(method_args("afsft", device, env=opt.env, text_view=opt.text_view))
+    env = afsft.make_env(method_args("afsft", device, env=opt.env, text_view=opt.text_view))
     dataset = collect(env, opt.episodes)
     buffer = afsft.Buffer(dataset["episodes"])
     batch = buffer.sample(np.random.default_rng(0), afsft.Args.batch_turns, afsft.Args.run_length)

@@ -1,15 +1,15 @@
-"""blocked_probe.py: at a BabyAI cell where `go forward` changes nothing, what do the policy and critic prefer?
+"""blocked_probe.py: at a BabyAI cell where `go forward` changes nothing, what do the policy and critic
+prefer?
 
     python experiments/blocked_probe.py runs/afsft runs/afsft-online     # 30 probe episodes each
 
 Walking into a wall or an object leaves the observation as it was, so a greedy policy that does it once does
-it until the time limit. This probe plays fresh episodes with uniformly random moves (seeds that no dataset
-or evaluation uses). In every state it encodes the four responses `go forward`, `turn left`, `turn right` and
+it until the time limit. This probe plays fresh episodes with uniformly random moves (seeds that no dataset or
+evaluation uses). In every state it encodes the four responses `go forward`, `turn left`, `turn right` and
 `done` for the same prompt and reads the first token where they differ (" go", " turn", " done"). It prints,
 separately for the states where the cell in front is empty and where it is not, the mean policy probability
 pi(y|s) and critic value Q(s, y) of each. `turn left` and `turn right` share that token. A run that has
-learned the reflex ranks `turn` first where the way is blocked, and `go` first where it is open.
-"""
+learned the reflex ranks `turn` first where the way is blocked, and `go` first where it is open."""
 import argparse
 import os
 import sys
@@ -38,7 +38,8 @@ def probe(run, episodes):
             s_k = rows[0]  # the responses share their prefix, so every row is the same state
             samples["open" if front is None else "blocked"].append([float(pi[s_k, y]) for y in ys] +
                                                                    [float(q[s_k, y]) for y in ys])
-            obs, _, terminated, truncated, _ = env.step(envs.format_response(WORDS[rng.integers(3)], env.scheme))
+            obs, _, terminated, truncated, _ = env.step(envs.format_response(WORDS[rng.integers(3)],
+                                                                             env.scheme))
             if env.turn >= 12:  # a dozen random moves per episode: enough states, little time
                 break
     print(f"{run} (step {step})")
@@ -49,7 +50,8 @@ def probe(run, episodes):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories (with checkpoint/)")
     parser.add_argument("--episodes", type=int, default=30, help="probe episodes per run")
     args = parser.parse_args()

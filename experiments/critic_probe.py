@@ -41,7 +41,7 @@ def load_run(run, checkpoint=None):
         sys.exit(f"{run}: not a run written by afsft.py (no {checkpoint}/state.pt)")
     state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
     args = afsft.Args(**state["args"])
-    model = os.path.join(run, "tiny-vlm") if args.model == "tiny" else args.model
+    model = afsft.TINY_BASE if args.model == "tiny" else args.model
     agent = afsft.load_agent(args, model, os.path.join(checkpoint, "policy"))
     agent.critic.load_state_dict(state["critic"])
     return agent.eval(), args, state["step"]
@@ -60,7 +60,8 @@ def disagreement_states(args, episodes):
             expert, decoy = (env.action_words[a] for a in (env.expert_action(), env.suboptimal_action()))
             if expert != decoy:
                 states.append((obs["image"], obs["prompt"], expert, decoy))
-            obs, _, terminated, truncated, _ = env.step(envs.format_response(expert if i % 2 == 0 else decoy, env.scheme))
+            obs, _, terminated, truncated, _ = env.step(envs.format_response(expert if i % 2 == 0 else decoy,
+                                                                             env.scheme))
     return states
 
 
@@ -70,8 +71,8 @@ def at_first_difference(agent, args, image, prompt, words):
     responses differ: one state s_k. Returns h, pi, Q and V for every response token, and per response the
     row of its token at s_k and that token's id."""
     responses = [envs.format_response(w, args.scheme) for w in words]
-    inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [image] * len(words), [prompt] * len(words),
-                                                       responses, args.max_new_tokens)
+    inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [image] * len(words),
+                                                       [prompt] * len(words), responses, args.max_new_tokens)
     h = agent.features(inputs, state_mask)
     logits = agent.vlm.get_output_embeddings()(h).float()
     pi, q = torch.softmax(logits, -1), agent.critic(h.float())
@@ -110,7 +111,8 @@ def linear_probe(features, l2=1e-2):
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x[train] @ w + b, y[train], weight=balance)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x[train] @ w + b, y[train],
+                                                                    weight=balance)
         loss = loss + l2 * (w ** 2).sum()
         loss.backward()
         return loss
@@ -122,10 +124,12 @@ def linear_probe(features, l2=1e-2):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories written by afsft.py (--out)")
     parser.add_argument("--episodes", type=int, default=60, help="probe episodes, half driven by each bot")
-    parser.add_argument("--linear", action="store_true", help="also fit the linear probe on the trunk's features")
+    parser.add_argument("--linear", action="store_true",
+                        help="also fit the linear probe on the trunk's features")
     cli = parser.parse_args()
     for run in cli.runs:
         agent, args, step = load_run(run)
@@ -133,14 +137,18 @@ def main():
         rows, features = compare(agent, args, states)
         critic = "" if args.filter != "none" else " (--filter none: the critic head was never trained)"
         print(f"{run}, step {step}: {len(states)} states where expert and decoy disagree{critic}")
-        print(f"  {'expert vs decoy':28s}    n  " + "  ".join(f"{c:>9s}" for c in ("Q_E>Q_D", "pi_E>pi_D", "keep E", "keep D")))
+        print(f"  {'expert vs decoy':28s}    n  "
+              + "  ".join(f"{c:>9s}" for c in ("Q_E>Q_D", "pi_E>pi_D", "keep E", "keep D")))
         for kind in sorted(rows):
             cols = rows[kind]
-            print(f"  {kind:28s} {len(cols['Q_E>Q_D']):4d}  " + "  ".join(f"{np.mean(v):9.2f}" for v in cols.values()))
+            print(f"  {kind:28s} {len(cols['Q_E>Q_D']):4d}  "
+                  + "  ".join(f"{np.mean(v):9.2f}" for v in cols.values()))
         every = {c: np.mean([x for r in rows.values() for x in r[c]]) for c in ("Q_E>Q_D", "pi_E>pi_D")}
-        print(f"  all: critic prefers the expert {every['Q_E>Q_D']:.2f}, policy prefers the expert {every['pi_E>pi_D']:.2f}")
+        print(f"  all: critic prefers the expert {every['Q_E>Q_D']:.2f}, "
+              f"policy prefers the expert {every['pi_E>pi_D']:.2f}")
         if cli.linear and len(features) >= 20:
-            print(f"  linear probe, go vs turn from h ({len(features)} states): balanced accuracy {linear_probe(features):.2f}")
+            print(f"  linear probe, go vs turn from h ({len(features)} states): "
+                  f"balanced accuracy {linear_probe(features):.2f}")
 
 
 if __name__ == "__main__":

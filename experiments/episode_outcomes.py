@@ -24,20 +24,23 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import afsft  # noqa: E402
 from critic_probe import load_run  # noqa: E402
+
+import afsft  # noqa: E402
 
 
 @torch.no_grad()
 def outcomes(agent, args, episodes, temperature):
-    done, success = afsft.play(agent, args, episodes, temperature, "cpu")  # the seeds afsft.py evaluates on
+    # the seeds afsft.py evaluates on
+    done, success = afsft.run_episodes(agent, args, episodes, temperature, "cpu")
     wins = [success(float(ep["rewards"].sum())) for ep in done]
     ends = {"success": sum(wins),
             "ended, no reward": sum(ep["terminated"] and not won for ep, won in zip(done, wins)),
             "time limit": sum(ep["truncated"] and not won for ep, won in zip(done, wins))}
     stuck = turns = 0
     for ep in done:
-        same = [bool((ep["images"][t] == ep["images"][t + 1]).all()) and ep["prompts"][t] == ep["prompts"][t + 1]
+        same = [bool((ep["images"][t] == ep["images"][t + 1]).all())
+                and ep["prompts"][t] == ep["prompts"][t + 1]
                 for t in range(len(ep["actions"]) - 1)]
         stuck += sum(s and bool(v) for s, v in zip(same, ep["valid"]))
         turns += len(ep["actions"])
@@ -49,7 +52,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories written by afsft.py")
     p.add_argument("--episodes", type=int, default=100, help="evaluation episodes (default: 100)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily, as afsft.py's evaluation")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 decodes greedily, as afsft.py's evaluation")
     p.add_argument("--responses", type=int, default=0, help="also list each run's N most frequent responses")
     opt = p.parse_args()
     torch.manual_seed(0)

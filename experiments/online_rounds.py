@@ -1,12 +1,14 @@
 """online_rounds.py: what each online round does to the policy, read at one token position.
 
-    python experiments/online_rounds.py runs/afsft runs/rounds --rounds 4                       # same flags
-    python experiments/online_rounds.py runs/afsft runs/rounds --rounds 4 -- --max-weight 1     # flags for the rounds
+    # same flags
+    python experiments/online_rounds.py runs/afsft runs/rounds --rounds 4
+    # flags for the rounds
+    python experiments/online_rounds.py runs/afsft runs/rounds --rounds 4 -- --max-weight 1
 
-Copies the offline run RUN to OUT (RUN is never changed) and resumes OUT one online round at a time
-(`afsft.py --resume OUT --online-steps k --save-buffer`, then any flags after `--`), keeping each round's
-checkpoint. For round k it reads the round's own episodes at response position `--position` (3: the word
-after `[action]`, the move in the cards tasks and the first action word in BabyAI). Per token seen there:
+Copies the offline run RUN to OUT (RUN is never changed) and resumes OUT one online round at a time (`afsft.py
+--resume OUT --online-rounds k --save-buffer`, then any flags after `--`), keeping each round's checkpoint.
+For round k it reads the round's own episodes at response position `--position` (3: the word after `[action]`,
+the move in the cards tasks and the first action word in BabyAI). Per token seen there:
 
 - `n`: how many of the round's turns wrote it (sampled at `--temperature`);
 - `Q`, `A`, `f(A)`: the critic's value, advantage and filter weight that the round's first update gives it
@@ -15,8 +17,7 @@ after `[action]`, the move in the cards tasks and the first action word in BabyA
   round's updates.
 
 A token whose `f(A)` is far above the others' while `n` is small is one the critic rates high on little
-evidence. If its `p after` jumps, one round of imitation moved the policy onto the critic's guess.
-"""
+evidence. If its `p after` jumps, one round of imitation moved the policy onto the critic's guess."""
 import argparse
 import collections
 import os
@@ -28,9 +29,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+from critic_probe import load_run  # noqa: E402
+
 import afsft  # noqa: E402
 import envs  # noqa: E402
-from critic_probe import load_run  # noqa: E402
 
 
 def load_snapshot(out, k):
@@ -50,7 +52,8 @@ def heads_at(agent, args, episodes, position):
         for start in range(0, len(ep["actions"]), 16):
             turns = slice(start, start + 16)
             inputs, state_mask, taken, lengths = afsft.encode(agent.processor, ep["images"][turns].numpy(),
-                                                              ep["prompts"][turns], ep["actions"][turns], args.max_new_tokens)
+                                                              ep["prompts"][turns], ep["actions"][turns],
+                                                              args.max_new_tokens)
             h = agent.features(inputs, state_mask)
             first = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
             rows = (first + position)[lengths > position]  # the flattened index of each turn's token there
@@ -61,7 +64,8 @@ def heads_at(agent, args, episodes, position):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a finished offline run (afsft.py --out)")
     parser.add_argument("out", help="where the copy is resumed round by round")
     parser.add_argument("--rounds", type=int, default=4)
@@ -77,8 +81,9 @@ def main():
     shutil.copytree(os.path.join(opt.out, "checkpoint"), os.path.join(opt.out, "rounds", "0"))
     before, _, seen = load_snapshot(opt.out, 0)
     for k in range(1, opt.rounds + 1):
-        command = [sys.executable, os.path.join(HERE, "..", "afsft.py"), "--resume", opt.out, "--online-steps", str(k),
-                   "--eval-episodes", str(opt.eval_episodes), "--save-buffer", *flags]
+        command = [sys.executable, os.path.join(HERE, "..", "afsft.py"), "--resume", opt.out,
+                   "--online-rounds", str(k), "--eval-episodes", str(opt.eval_episodes), "--save-buffer",
+                   *flags]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"round {k}: afsft.py failed:\n{done.stderr[-2000:]}")

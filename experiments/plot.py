@@ -1,16 +1,16 @@
 """plot.py: learning curves from the runs of experiments/results.py, one PNG per domain.
 
-    python experiments/plot.py                                   # every settings folder under experiments/runs
-    python experiments/plot.py experiments/runs/ep300-off500-eval50x100-filter_exp_beta_20_mc-mix_1_tau_0.1_critic-coef_10 --out experiments/plots
+    python experiments/plot.py                                  # every settings folder under experiments/runs
+    python experiments/plot.py \\
+        experiments/runs/ep300-off500-eval50x100-filter_exp_beta_20_mc-mix_1_tau_0.1_critic-coef_10 \\
+        --out experiments/plots
 
-Each figure has one column per dataset and two rows: the greedy success rate and the valid-action rate
-(the share of turns whose text parsed as an action) against gradient steps, one line per method, the
-mean over seeds with a band of +- one standard deviation. An afsft-online line starts where its
-afsft run ended. The points are the `metrics.jsonl` lines
-that carry `success_rate`: afsft.py's `--eval-every` evaluations (on half of `--eval-episodes`) and
-its final one, of finished runs only (those with an `eval.json`). matplotlib is an
-optional extra, needed only here (pip install matplotlib).
-"""
+Each figure has one column per dataset and two rows: the greedy success rate and the valid-action rate (the
+share of turns whose text parsed as an action) against gradient steps, one line per method, the mean over
+seeds with a band of +- one standard deviation. An afsft-online line starts where its afsft run ended. The
+points are the `metrics.jsonl` lines that carry `eval/success_rate`: afsft.py's `--eval-every` evaluations (on
+half of `--eval-episodes`) and its final one, of finished runs only (those with an `eval.json`). matplotlib is
+an optional extra, needed only here (pip install matplotlib)."""
 import argparse
 import glob
 import json
@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COLORS = {"sft": "tab:gray", "afsft": "tab:blue", "afsft-online": "tab:orange"}
 
 
-METRICS = {"success_rate": "greedy success rate", "valid_action_rate": "valid-action rate"}
+METRICS = {"eval/success_rate": "greedy success rate", "eval/valid_action_rate": "valid-action rate"}
 
 
 def curve(metrics_path, online_only=False):
@@ -36,14 +36,15 @@ def curve(metrics_path, online_only=False):
         for line in f:
             if line.strip():
                 row = json.loads(line)
-                if "success_rate" in row and not (online_only and row["phase"] == "offline"):
+                if "eval/success_rate" in row and not (online_only and row["phase"] == "offline"):
                     for metric in METRICS:
                         points[metric][row["step"]] = row[metric]
     return points
 
 
 def load_runs(root):
-    """{domain: {dataset: {method: [curve per seed]}}} from root/<domain>/<dataset>/seed*/<method>/metrics.jsonl."""
+    """{domain: {dataset: {method: [curve per seed]}}} from
+    root/<domain>/<dataset>/seed*/<method>/metrics.jsonl."""
     runs = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for path in sorted(glob.glob(os.path.join(root, "*", "*", "seed*", "*", "metrics.jsonl"))):
         method_dir = os.path.dirname(path)
@@ -52,7 +53,7 @@ def load_runs(root):
         seed_dir = os.path.dirname(method_dir)
         dataset_dir = os.path.dirname(seed_dir)
         points = curve(path, online_only=os.path.basename(method_dir).startswith("afsft-online"))
-        if points["success_rate"]:
+        if points["eval/success_rate"]:
             runs[os.path.basename(os.path.dirname(dataset_dir))][os.path.basename(dataset_dir)][
                 os.path.basename(method_dir)].append(points)
     return runs
@@ -91,8 +92,10 @@ def plot_domain(domain, datasets, out_path, title):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("roots", nargs="*", help="settings folders made by results.py (default: all under experiments/runs)")
-    p.add_argument("--out", default=os.path.join(HERE, "plots"), help="folder for the PNGs (default: experiments/plots)")
+    p.add_argument("roots", nargs="*",
+                   help="settings folders made by results.py (default: all under experiments/runs)")
+    p.add_argument("--out", default=os.path.join(HERE, "plots"),
+                   help="folder for the PNGs (default: experiments/plots)")
     opt = p.parse_args()
     roots = opt.roots or sorted(glob.glob(os.path.join(HERE, "runs", "*")))
     os.makedirs(opt.out, exist_ok=True)

@@ -11,7 +11,7 @@ each run with seed S, as a subprocess of `afsft.py`:
 - `afsft`:        offline AFSFT with `--afsft-flags`: by default the setting that beat SFT on BabyAI
                   (README, Results), `--filter exp --beta 20 --mc-mix 1 --tau 0.1 --critic-coef 10`;
                   `--afsft-flags ""` runs afsft.py's own defaults, the paper's;
-- `afsft-online`: the `afsft` run continued online, `--resume` on a copy of it with `--online-steps K`
+- `afsft-online`: the `afsft` run continued online, `--resume` on a copy of it with `--online-rounds K`
                   (folder `afsft-online<K>`, so that another K reuses the offline runs), with the same flags
                   and then `--online-flags`, if given (their own folder: `afsft-online50-max-weight_1`).
 Every run logs the success rate every few steps (`--eval-every`, for experiments/plot.py) and ends with
@@ -91,7 +91,8 @@ def names(text, table, groups=None):
     for name in text.split(","):
         expanded = (groups or {}).get(name, [name])
         if any(n not in table for n in expanded):
-            sys.exit(f"results.py: error: unknown name {name!r}; choose from {sorted(table) + sorted(groups or {})}")
+            sys.exit(f"results.py: error: unknown name {name!r}; "
+                     f"choose from {sorted(table) + sorted(groups or {})}")
         chosen += [n for n in expanded if n not in chosen]
     return chosen
 
@@ -185,7 +186,8 @@ def flags_name(flags):
 def run_name(method, opt):
     if method != "afsft-online":
         return method
-    return f"afsft-online{opt.online_steps}" + (f"-{flags_name(opt.online_flags)}" if opt.online_flags else "")
+    return (f"afsft-online{opt.online_rounds}"
+            + (f"-{flags_name(opt.online_flags)}" if opt.online_flags else ""))
 
 
 def chain(domain, dataset, seed, opt):
@@ -208,7 +210,7 @@ def chain(domain, dataset, seed, opt):
                     os.remove(os.path.join(online + ".tmp", name))
                 os.replace(online + ".tmp", online)
             train(online, domain, data, seed, opt,
-                  [*opt.afsft_flags, *opt.online_flags, "--online-steps", str(opt.online_steps)])
+                  [*opt.afsft_flags, *opt.online_flags, "--online-rounds", str(opt.online_rounds)])
 
 
 # ---------------------------------------------------------------------------
@@ -246,11 +248,13 @@ def rates(where, method, opt):
 
 
 def cell(results, seeds):
-    """Success mean ± std over the seeds, the valid-action rate in brackets, [n] where fewer seeds finished."""
+    """Success mean ± std over the seeds, the valid-action rate in brackets, [n] where fewer seeds
+    finished."""
     if not results:
         return "-"
     success, valid = zip(*results)
-    return f"{mean_std(success)} ({np.mean(valid):.2f})" + (f" [{len(results)}]" if len(results) < seeds else "")
+    return (f"{mean_std(success)} ({np.mean(valid):.2f})"
+            + (f" [{len(results)}]" if len(results) < seeds else ""))
 
 
 def table(opt):
@@ -260,15 +264,16 @@ def table(opt):
              f"Made by `python experiments/results.py {shlex.join(sys.argv[1:])}` into `{show(opt.root)}`.",
              f"Tiny default model, {opt.episodes} dataset episodes, {opt.offline_steps} offline steps"
              + (f" ({miniwob_steps} on the MiniWoB tasks)" if miniwob_steps != opt.offline_steps else "")
-             + (f", then online rounds: {opt.online_steps}" if "afsft-online" in opt.methods else "")
-             + (f" with `{' '.join(opt.online_flags)}` added" if "afsft-online" in opt.methods and opt.online_flags else "")
-             + f"; AFSFT with `{' '.join(opt.afsft_flags) or 'no flags'}`, afsft.py's defaults otherwise; greedy evaluation on "
-             f"{opt.eval_episodes} held-out episodes; each seed its own dataset. The BabyAI tasks and the cards run with "
-             "`--text-view`.", "",
-             "Each cell: greedy success rate, mean ± std over the seeds, and (in brackets) the share of turns whose "
-             "text was a valid action. Success: the episode's return is > 0. [n]: only n seeds have finished. "
-             f"The expert is the scripted solver ({EXPERT_EPISODES} episodes); RL4VLM is their RL on a 7B LLaVA (their Table 2, "
-             "not run here).", "",
+             + (f", then online rounds: {opt.online_rounds}" if "afsft-online" in opt.methods else "")
+             + (f" with `{' '.join(opt.online_flags)}` added"
+                if "afsft-online" in opt.methods and opt.online_flags else "")
+             + f"; AFSFT with `{' '.join(opt.afsft_flags) or 'no flags'}`, afsft.py's defaults otherwise; "
+             f"greedy evaluation on {opt.eval_episodes} held-out episodes; each seed its own dataset. "
+             "The BabyAI tasks and the cards run with `--text-view`.", "",
+             "Each cell: greedy success rate, mean ± std over the seeds, and (in brackets) the share of "
+             "turns whose text was a valid action. Success: the episode's return is > 0. [n]: only n seeds "
+             f"have finished. The expert is the scripted solver ({EXPERT_EPISODES} episodes); RL4VLM is "
+             "their RL on a 7B LLaVA (their Table 2, not run here).", "",
              "| task | dataset | seeds | the dataset | " + " | ".join(METHODS[m] for m in opt.methods)
              + " | expert | RL4VLM |", "|---" * (len(columns) + 5) + "|"]
     header_lines = len(lines)
@@ -305,8 +310,10 @@ def run_all(opt):
             os.makedirs(os.path.join(opt.root, d), exist_ok=True)
             tasks.append(pool.submit(collect, d, ["--policy", "expert"], EXPERT_EPISODES, 0,
                                      os.path.join(opt.root, d, "expert.pt")))
-        slow_first = sorted(opt.domains, key=lambda d: d.startswith("click"), reverse=True)  # MiniWoB: long prompts
-        tasks += [pool.submit(chain, d, ds, s, opt) for s in range(opt.seeds) for d in slow_first for ds in opt.datasets]
+        # MiniWoB: long prompts
+        slow_first = sorted(opt.domains, key=lambda d: d.startswith("click"), reverse=True)
+        tasks += [pool.submit(chain, d, ds, s, opt) for s in range(opt.seeds) for d in slow_first
+                  for ds in opt.datasets]
         for task in tasks:
             task.result()  # re-raises a crash of this script (a failed subprocess is only reported)
 
@@ -314,41 +321,57 @@ def run_all(opt):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--domains", default="all", help="comma-separated domains or groups (default: all)")
-    p.add_argument("--datasets", default=None, help="random, mixed-0.1, mixed-0.3, mixed (default: all; --quick: mixed-0.3)")
-    p.add_argument("--methods", default="sft,afsft,afsft-online", help="sft, afsft, afsft-online (default: all three)")
+    p.add_argument("--datasets", default=None,
+                   help="random, mixed-0.1, mixed-0.3, mixed (default: all; --quick: mixed-0.3)")
+    p.add_argument("--methods", default="sft,afsft,afsft-online",
+                   help="sft, afsft, afsft-online (default: all three)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: 3; --quick: 1)")
-    p.add_argument("--episodes", type=int, default=None, help="episodes per dataset (default: 300; --quick: 60)")
-    p.add_argument("--offline-steps", type=int, default=None, help="afsft.py --offline-steps (default: 500; --quick: 80, 40 on MiniWoB)")
-    p.add_argument("--online-steps", type=int, default=None, help="afsft.py --online-steps, rounds (default: 50; --quick: 3)")
-    p.add_argument("--eval-episodes", type=int, default=None, help="final evaluation episodes (default: 50; --quick: 20)")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between learning-curve points (default: offline steps / 5)")
-    p.add_argument("--afsft-flags", default=AFSFT_FLAGS, help=f"afsft.py flags of the AFSFT runs (default: {AFSFT_FLAGS!r})")
-    p.add_argument("--online-flags", default="", help="afsft.py flags added for the online rounds only, for instance "
-                   "'--max-weight 1' (default: none)")
-    p.add_argument("--jobs", type=int, default=2, help="subprocess chains run in parallel (default: 2, for 2 cores)")
-    p.add_argument("--table-only", action="store_true", help="run nothing: write the table from the runs that exist")
-    p.add_argument("--quick", action="store_true", help="one seed, one dataset, fewer steps and episodes (<= 30 min on 2 cores)")
-    p.add_argument("--out", default=os.path.join(HERE, "runs"), help="runs go in OUT/<settings>/ (default: experiments/runs)")
-    p.add_argument("--table", default=os.path.join(HERE, "results.md"), help="markdown table (default: experiments/results.md)")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="episodes per dataset (default: 300; --quick: 60)")
+    p.add_argument("--offline-steps", type=int, default=None,
+                   help="afsft.py --offline-steps (default: 500; --quick: 80, 40 on MiniWoB)")
+    p.add_argument("--online-rounds", type=int, default=None,
+                   help="afsft.py --online-rounds, rounds (default: 50; --quick: 3)")
+    p.add_argument("--eval-episodes", type=int, default=None,
+                   help="final evaluation episodes (default: 50; --quick: 20)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between learning-curve points (default: offline steps / 5)")
+    p.add_argument("--afsft-flags", default=AFSFT_FLAGS,
+                   help=f"afsft.py flags of the AFSFT runs (default: {AFSFT_FLAGS!r})")
+    p.add_argument("--online-flags", default="", help="afsft.py flags added for the online rounds only, "
+                   "for instance '--max-weight 1' (default: none)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="subprocess chains run in parallel (default: 2, for 2 cores)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: write the table from the runs that exist")
+    p.add_argument("--quick", action="store_true",
+                   help="one seed, one dataset, fewer steps and episodes (<= 30 min on 2 cores)")
+    p.add_argument("--out", default=os.path.join(HERE, "runs"),
+                   help="runs go in OUT/<settings>/ (default: experiments/runs)")
+    p.add_argument("--table", default=os.path.join(HERE, "results.md"),
+                   help="markdown table (default: experiments/results.md)")
     opt = p.parse_args()
     defaults = {"datasets": "mixed-0.3" if opt.quick else "random,mixed", "seeds": 1 if opt.quick else 3,
                 "episodes": 60 if opt.quick else 300, "offline_steps": 80 if opt.quick else 500,
-                "online_steps": 3 if opt.quick else 50, "eval_episodes": 20 if opt.quick else 50}
+                "online_rounds": 3 if opt.quick else 50, "eval_episodes": 20 if opt.quick else 50}
     for key, value in defaults.items():
         if getattr(opt, key) is None:
             setattr(opt, key, value)
     opt.domains = names(opt.domains, DOMAINS, GROUPS)
     opt.datasets = names(opt.datasets, DATASETS, {"mixed": ["mixed-0.1", "mixed-0.3"]})
     opt.methods = names(opt.methods, METHODS)
-    if min(opt.seeds, opt.episodes, opt.offline_steps, opt.jobs, opt.eval_episodes) < 1 or opt.online_steps < 0:
-        p.error("--seeds, --episodes, --offline-steps, --jobs, --eval-episodes must be >= 1, --online-steps >= 0")
+    if min(opt.seeds, opt.episodes, opt.offline_steps, opt.jobs,
+           opt.eval_episodes) < 1 or opt.online_rounds < 0:
+        p.error("--seeds, --episodes, --offline-steps, --jobs, --eval-episodes must be >= 1, "
+                "--online-rounds >= 0")
     opt.eval_every = opt.eval_every or max(1, opt.offline_steps // 5)
     opt.log_every = math.gcd(opt.eval_every, 25)  # afsft.py evaluates on log steps only
     opt.afsft_flags, opt.online_flags = opt.afsft_flags.split(), opt.online_flags.split()
     opt.root = os.path.join(os.path.abspath(opt.out),
                             f"ep{opt.episodes}-off{opt.offline_steps}-eval{opt.eval_episodes}x{opt.eval_every}"
                             + ("-quick" if opt.quick else "")
-                            + (f"-{flags_name(opt.afsft_flags)}" if opt.afsft_flags else ""))  # other flags, other runs
+                            # other flags, other runs
+                            + (f"-{flags_name(opt.afsft_flags)}" if opt.afsft_flags else ""))
     os.makedirs(opt.root, exist_ok=True)
 
     start = time.perf_counter()
@@ -359,9 +382,9 @@ def main():
         f.write(markdown)
     print("\n" + markdown)
     cpu, wall = total_cost(opt.root)
-    print(f"wrote {opt.table}\nthis invocation: {time.perf_counter() - start:.0f} s wall, {cpu_used[0]:.0f} s CPU "
-          f"in its subprocesses; the finished training runs under {show(opt.root)}, "
-          f"this time or before: {cpu:.0f} s CPU, {wall:.0f} s wall")
+    print(f"wrote {opt.table}\nthis invocation: {time.perf_counter() - start:.0f} s wall, "
+          f"{cpu_used[0]:.0f} s CPU in its subprocesses; the finished training runs under "
+          f"{show(opt.root)}, this time or before: {cpu:.0f} s CPU, {wall:.0f} s wall")
 
 
 if __name__ == "__main__":

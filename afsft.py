@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -559,6 +560,7 @@ class Run:
     # the buffer's first episodes are the dataset's; those after them were collected online
     num_offline: int = 0
     log: object = None  # metrics.jsonl, open on rank 0
+    interrupted: bool = False  # set by Ctrl-C; the loop stops at its next step and saves
 
     @property
     def master(self):  # rank 0 logs, evaluates and saves
@@ -713,6 +715,8 @@ def setup(args: Args) -> Run:
 # --- Train loop: offline steps, then online rounds, then evaluation -----------------------------------------
 def train_step(run: Run, args: Args, phase: str):
     """One gradient step, then what is due at it: a metrics line, an evaluation, a checkpoint."""
+    if run.interrupted:  # Ctrl-C, raised here: inside a library's finalizer it would be lost
+        raise KeyboardInterrupt
     batch = run.buffer.sample(run.rng, args.batch_turns, args.run_length)
     warmup = run.step < int(args.sft_warmup * args.offline_steps)  # f = 1 while the critic first learns
     stats = gradient_step(run.agent, run.optimizer, batch, args, warmup, run.device, run.world)
@@ -768,6 +772,12 @@ def finish(run: Run, args: Args):
 def train(args: Args):
     run = setup(args)
     total, rollout = total_steps(args), None
+
+    def on_ctrl_c(*_):  # the loop stops at its next step and saves; a second Ctrl-C interrupts at once
+        run.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     bar = tqdm(total=total, initial=run.step, desc="train", dynamic_ncols=True, disable=not run.master)
     try:
         while run.step < args.offline_steps:  # offline: gradient steps on the dataset
@@ -777,6 +787,8 @@ def train(args: Args):
             rollout = rollout or Rollout(args, seed=args.seed * 7919 + run.step)
             for _ in range(args.rollout_len):
                 run.buffer.episodes += rollout.step(run.agent, args, args.temperature, run.device)
+                if run.interrupted:
+                    raise KeyboardInterrupt
             for _ in range(args.updates_per_round):
                 if run.step < total and on_all_ranks(run.buffer.episodes, run.device, run.world):
                     show(bar, train_step(run, args, "online"))
@@ -786,6 +798,7 @@ def train(args: Args):
         fail(f"{str(err) or 'interrupted'}; checkpoint saved at step {run.step}, continue with "
              f"--resume {args.out}")
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         if rollout is not None:
             rollout.close()

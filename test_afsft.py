@@ -458,7 +458,7 @@ def test_cli_rejects_unknown_env_and_bad_flags(tmp_path, dataset):
     assert (result.returncode != 0 and "unknown env 'chess'" in result.stderr
             and "Traceback" not in result.stderr)
     result = run_cli("--gamma", "1.5", "--offline", dataset)
-    assert result.returncode == 2 and "--gamma in [0, 1]" in result.stderr
+    assert result.returncode == 2 and "--gamma, --mc-mix and --sft-warmup must be in [0, 1]" in result.stderr
     result = run_cli("--env", "babyai", "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "--offline needs a dataset" in result.stderr
     # an unknown env is named first, also without --offline
@@ -647,7 +647,7 @@ def test_non_finite_loss_skips_the_batch_and_never_reaches_the_weights(tmp_path,
     assert [m.get("charts/skipped", False) for m in read_metrics(run)] == [True, True, False, False]
     state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
     from safetensors.torch import load_file
-    policy = load_file(os.path.join(run, "checkpoint", "policy", "model.safetensors"))
+    policy = load_file(os.path.join(run, "checkpoint", "policy", "adapter_model.safetensors"))  # LoRA
     tensors = [*state["critic"].values(), *state["target"].values(), *policy.values()]
     assert tensors and all(torch.isfinite(t.float()).all() for t in tensors)
 

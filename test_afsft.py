@@ -144,10 +144,11 @@ def load_pretrain_script():
     return module
 
 
-def numberline_render(target, current):
-    env = envs.make_env("numberline", seed=0)
-    env.target, env.position = target, current
-    return env.image()
+def blackjack_render(seed, extra_cards=0):
+    """A Blackjack picture and the player's cards (the base's held-out renders use other seeds)."""
+    env = envs.make_env("blackjack", seed=seed)
+    env.player += [env.deal() for _ in range(extra_cards)]
+    return env.image(), env.player, env.dealer[0]
 
 
 def test_shipped_base_matches_the_pretrain_script_and_reads_its_images(tiny):
@@ -162,43 +163,41 @@ def test_shipped_base_matches_the_pretrain_script_and_reads_its_images(tiny):
     with open(weights, "rb") as f:
         assert '"F16"' in f.read(2000).decode("latin-1")  # stored in half precision
     assert os.path.getsize(weights) < 25e6
-    # it captions NumberLine renders from the pixels alone: one caption per picture, each right
-    states = [(t, c) for t in range(6) for c in range(6) if t != c][::3]
-    images = [numberline_render(t, c) for t, c in states]
-    captions = afsft.generate(agent, images, [pretrain.CAPTION_PROMPT] * len(images), 0.0, 32, "cpu")
-    right = sum(caption == f"Target: {t}. Current: {c}." for caption, (t, c) in zip(captions, states))
-    assert right >= 0.9 * len(states)
+    # it captions Blackjack renders it never saw from the pixels alone (its report: 0.835 of 200)
+    renders = [blackjack_render(7_000_000 + seed) for seed in range(10)]
+    captions = afsft.generate(agent, [image for image, _, _ in renders], [pretrain.CAPTION_PROMPT] * 10, 0.0,
+                              32, "cpu")
+    right = sum(caption == f"Dealer shows {envs.rank_name(dealer[0])}. Your cards: "
+                f"{', '.join(envs.rank_name(card[0]) for card in player)}."
+                for caption, (_, player, dealer) in zip(captions, renders))
+    assert right >= 6
 
 
 def test_lora_fine_tune_learns_a_new_question_from_pixels(tiny):
     """The regression test for a blind model: a short LoRA fine-tune through afsft_loss learns to answer a
-    question the base never saw ("is the target above the current number?") on renders it never saw. The
-    answer is in the pixels alone, so a model that ignores its image cannot get the held-out ones right."""
+    question the base never saw ("do you hold more than two cards?") on renders it never saw. The answer is
+    in the pixels alone, so a model that ignores its image stays at chance on the held-out ones."""
     _, args = tiny
     torch.manual_seed(0)
     agent = afsft.load_agent(args, afsft.TINY_BASE)
-    states = [(t, c) for t in range(6) for c in range(6) if t != c]
-    held_out = states[1::5]  # 6 of the 30 pictures (4 yes, 2 no), never trained on
-    train_states = [s for s in states if s not in held_out]
-    question = "Is the target number above the current number? Answer yes or no."
+    question = "Do you hold more than two cards? Answer yes or no."
 
-    def answer(target, current):
-        return "yes" if target > current else "no"
+    def sample(seed):
+        image, player, _ = blackjack_render(seed, extra_cards=seed % 2)
+        return image, "yes" if len(player) > 2 else "no"
 
     sft = afsft.replace(args, filter="none", max_new_tokens=4)
     optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
-    rng = np.random.default_rng(0)
-    for _ in range(40):
-        batch_states = [train_states[i] for i in rng.integers(len(train_states), size=16)]
-        batch = {"images": [numberline_render(*s) for s in batch_states], "prompts": [question] * 16,
-                 "actions": [answer(*s) for s in batch_states]}
+    for step in range(40):
+        images, answers = zip(*[sample(step * 16 + i) for i in range(16)])
+        batch = {"images": images, "prompts": [question] * 16, "actions": answers}
         loss, _ = afsft.afsft_loss(agent, batch, sft, warmup=True, device="cpu")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    images = [numberline_render(*s) for s in held_out]
-    replies = afsft.generate(agent, images, [question] * len(held_out), 0.0, 4, "cpu")
-    assert [r.strip() for r in replies] == [answer(*s) for s in held_out]
+    images, answers = zip(*[sample(9_000_000 + i) for i in range(12)])  # held out, 6 yes and 6 no
+    replies = afsft.generate(agent, images, [question] * 12, 0.0, 4, "cpu")
+    assert sum(r.strip() == a for r, a in zip(replies, answers)) >= 11
 
 
 def make_episode(T, terminated, prompt="p", image_side=56):

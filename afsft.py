@@ -44,14 +44,22 @@ def flag(default, help, **kw):
 @dataclass
 class Args:
     # the method, as the paper has it
-    filter: str = flag("binary", "advantage filter f(A): binary 1[A>0], exp min(exp(beta A), w_max), "
-                       "none = SFT", choices=["binary", "exp", "none"])
-    beta: float = flag(1.0, "temperature of the exp filter")
-    max_weight: float = flag(20.0, "w_max, the cap of the exp filter")
+    filter: str = flag("exp", "advantage filter f(A): exp min(exp(beta A), w_max), binary 1[A>0], "
+                       "none = SFT", choices=["exp", "binary", "none"])
+    beta: float = flag(1.0, "temperature of the exp filter, on A in units of the return's std (PopArt)")
+    max_weight: float = flag(3.0, "w_max, the cap of the exp filter: no token gets more than w_max times "
+                             "its SFT weight")
     gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
-    # our additions for a robust critic
+    # what makes the critic robust (the paper's plain form: --filter binary --popart-rate 0
+    # --baseline all --critic-trains-trunk --critic-init lm)
+    popart_rate: float = flag(3e-3, "EMA rate of the return statistics the critic learns in (PopArt); "
+                              "0: the critic learns in reward units")
+    baseline: str = flag("seen", "V(s) = sum pi Q over the tokens some batch has held (seen) or over the "
+                         "whole vocabulary (all)", choices=["seen", "all"])
+    critic_trains_trunk: bool = flag(False, "let the critic's loss train the shared VLM too; by default the "
+                                     "critic head reads detached features, so the policy's step is SFT's")
     sft_warmup: float = flag(0.2, "fraction of the offline steps trained with the filter off")
     mc_mix: float = flag(0.0, "lambda: each token's target in turn t becomes (1-lambda) TD + lambda G_t, "
                          "G_t the episode's Monte-Carlo return; 0 is pure TD (truncated episodes use TD)")
@@ -61,11 +69,12 @@ class Args:
     finetune: str = flag("lora", "lora: adapters on the language model; full: every weight",
                          choices=["lora", "full"])
     lora_rank: int = flag(16, "LoRA rank")
-    critic_head: str = flag("lowrank", "Q = W_lm h + B(A h) + b with W_lm frozen (lowrank), or a full head",
+    critic_head: str = flag("lowrank", "Q = B(A h) + b, plus W_lm h with W_lm a frozen copy of the language "
+                            "head under --critic-init lm (lowrank); or a full trained W h + b",
                             choices=["lowrank", "full"])
-    critic_rank: int = flag(32, "rank of the low-rank critic delta")
-    critic_init: str = flag("lm", "start the critic's W from the language head (lm) or from zero",
-                            choices=["lm", "zero"])
+    critic_rank: int = flag(32, "rank of the low-rank critic")
+    critic_init: str = flag("zero", "start Q at zero, the mean return (zero), or at the language head's "
+                            "logits (lm)", choices=["zero", "lm"])
     # optimisation
     lr: float = flag(1e-3, "AdamW learning rate")
     weight_decay: float = flag(0.0, "AdamW weight decay")
@@ -115,8 +124,8 @@ def check_args(args: Args):
         return f"--env: {err}"
     if not (0 <= args.gamma <= 1 and 0 <= args.mc_mix <= 1 and 0 <= args.sft_warmup <= 1):
         return "--gamma, --mc-mix and --sft-warmup must be in [0, 1]"
-    if not (0 < args.tau <= 1 and args.lr > 0):
-        return "--tau must be in (0, 1] and --lr > 0"
+    if not (0 < args.tau <= 1 and 0 <= args.popart_rate <= 1 and args.lr > 0):
+        return "--tau must be in (0, 1], --popart-rate in [0, 1] and --lr > 0"
     if min(args.batch_turns, args.run_length, args.num_envs, args.max_new_tokens) < 1:
         return "--batch-turns, --run-length, --num-envs and --max-new-tokens must be >= 1"
     if min(args.offline_steps, args.online_rounds, args.eval_episodes) < 0:
@@ -167,24 +176,61 @@ TINY_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_vlm",
 
 
 class CriticHead(nn.Module):
-    """Q(s, a) for every token a. lowrank: Q = W_lm h + B(A h) + b, with W_lm a frozen copy of the
-    language head, so the trainable part is d*r + r*|V| + |V| instead of d*|V|."""
+    """Q(s, a) for every token a, in normalised return units: the return is `mean + std * Q` (PopArt), so
+    the same --beta and --critic-coef serve rewards of +-1 and of +10. lowrank: Q = B(A h) + b, plus W_lm h
+    with W_lm a frozen copy of the language head under --critic-init lm, so the trainable part is
+    d*r + r*|V| + |V| instead of d*|V|."""
 
-    def __init__(self, lm_head: nn.Linear, kind: str, rank: int, init: str = "lm"):
+    def __init__(self, lm_head: nn.Linear, kind: str, rank: int, init: str = "zero"):
         super().__init__()
-        self.base = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
-        self.base.requires_grad_(kind == "full")
-        self.base.weight.data.copy_(lm_head.weight.data.float() if init == "lm" else 0.0)
-        self.down = nn.Linear(lm_head.in_features, rank, bias=False) if kind == "lowrank" else None
-        self.up = nn.Linear(rank, lm_head.out_features) if kind == "lowrank" else None
-        self.bias = nn.Parameter(torch.zeros(lm_head.out_features))
+        d, vocab = lm_head.in_features, lm_head.out_features
+        self.base = None  # zero-initialised and frozen it would be |V| x d zeros
+        if kind == "full" or init == "lm":
+            self.base = nn.Linear(d, vocab, bias=False).requires_grad_(kind == "full")
+            self.base.weight.data.copy_(lm_head.weight.data.float() if init == "lm" else 0.0)
+        self.down = nn.Linear(d, rank, bias=False) if kind == "lowrank" else None
+        self.up = nn.Linear(rank, vocab, bias=False) if kind == "lowrank" else None
         if self.up is not None:
-            nn.init.zeros_(self.up.weight)  # starts exactly at the language head's logits
-            self.up.bias = None
+            nn.init.zeros_(self.up.weight)  # starts exactly at zero, or at the language head's logits
+        self.bias = nn.Parameter(torch.zeros(vocab))
+        # the return statistics (PopArt), and the tokens some batch has held (`state_values`' baseline)
+        self.register_buffer("return_mean", torch.tensor(0.0))
+        self.register_buffer("return_square", torch.tensor(1.0))
+        self.register_buffer("statistics_updates", torch.tensor(0))
+        self.register_buffer("seen", torch.zeros(vocab, dtype=torch.bool))
 
     def forward(self, h):
-        q = self.base(h) + self.bias
+        q = self.bias + (self.base(h) if self.base is not None else 0.0)
         return q + self.up(self.down(h)) if self.down is not None else q
+
+    def return_std(self):
+        return (self.return_square - self.return_mean ** 2).clamp(min=1e-4).sqrt()
+
+    def to_returns(self, q):
+        return self.return_mean + self.return_std() * q
+
+    def normalise(self, returns):
+        return (returns - self.return_mean) / self.return_std()
+
+    @torch.no_grad()
+    def set_statistics(self, mean, square):
+        """PopArt's "preserving outputs precisely": new statistics, and the output layer rescaled so that
+        every Q in return units stays what it was. Then only the normalised targets move."""
+        old_mean, old_std = self.return_mean.clone(), self.return_std()
+        self.return_mean.copy_(mean)
+        self.return_square.copy_(square)
+        for layer in (self.base, self.up):
+            if layer is not None:
+                layer.weight.mul_(old_std / self.return_std())
+        self.bias.mul_(old_std).add_(old_mean - mean).div_(self.return_std())
+
+
+def mean_over_ranks(tensor):
+    """The mean of a tensor over the DDP ranks (itself on one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
 
 
 class Agent(nn.Module):
@@ -205,6 +251,17 @@ class Agent(nn.Module):
     def update_target(self, tau):
         for target, online in zip(self.target.parameters(), self.critic.parameters()):
             target.lerp_(online, tau)
+
+    @torch.no_grad()
+    def update_return_statistics(self, returns, rate):
+        """Move both heads' statistics toward this batch's TD targets: a plain average over the first 1/rate
+        batches, then an EMA at `rate`. Every rank uses the mean over all ranks, so they stay identical."""
+        self.critic.statistics_updates += 1
+        moments = mean_over_ranks(torch.stack([returns.mean(), (returns ** 2).mean()]))
+        old = torch.stack([self.critic.return_mean, self.critic.return_square])
+        mean, square = old.lerp(moments, max(rate, 1 / self.critic.statistics_updates.item()))
+        for head in (self.critic, self.target):
+            head.set_statistics(mean, square)
 
 
 def load_agent(args: Args, model_path: str, policy_dir: str = ""):
@@ -334,8 +391,12 @@ class Buffer:
 
 # --- Losses: pure functions of tensors. ---------------------------------------------------------------------
 # Token n of the flattened batch is the state s_j of some turn; `is_last` marks j = l, the turn's final token.
-def state_values(logits, q):
-    """(2) V(s) = sum_a pi(a|s) Q(s, a), the exact expectation over the vocabulary."""
+def state_values(logits, q, seen=None):
+    """(2) V(s) = sum_a pi(a|s) Q(s, a), the exact expectation over the vocabulary. With `seen`, pi is
+    renormalised over the tokens some batch has held: a token the critic never trained on keeps its initial
+    Q, which must not move the baseline."""
+    if seen is not None:
+        logits = logits.masked_fill(~seen, float("-inf"))
     return (torch.softmax(logits.float(), -1) * q).sum(-1)
 
 
@@ -356,8 +417,10 @@ def critic_loss(q_taken, targets, mask):
     return ((q_taken - targets) ** 2 * mask).sum() / mask.sum().clamp(min=1)
 
 
-def filter_weights(advantage, kind, beta=1.0, max_weight=20.0):
-    """f(A): binary 1[A > 0], exp min(exp(beta A), w_max), or none (f = 1: SFT)."""
+def filter_weights(advantage, kind, beta=1.0, max_weight=3.0):
+    """f(A): exp min(exp(beta A), w_max), binary 1[A > 0], or none (f = 1: SFT). exp is 1 at A = 0, so
+    a token the policy is sure of (where A is near 0, see `afsft_loss`) keeps its SFT weight whatever
+    the sign of the critic's noise; binary would drop it half the time."""
     if kind == "exp":
         return torch.exp(beta * advantage).clamp(max=max_weight)
     return (advantage > 0).float() if kind == "binary" else torch.ones_like(advantage)
@@ -371,16 +434,16 @@ def actor_loss(logp_taken, weights, turn_lengths):
 
 
 @torch.no_grad()
-def bootstrap_values(agent, batch, device):
-    """Vbar at the first state of the turn after each run: one extra no-grad forward over its prompt, the only
-    compute AFSFT adds over SFT besides the critic head."""
+def bootstrap_values(agent, batch, seen, device):
+    """Vbar at the first state of the turn after each run, in return units: one extra no-grad forward over
+    its prompt, the only compute AFSFT adds over SFT besides the critic head."""
     inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
-    h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
-    return state_values(agent.vlm.get_output_embeddings()(h), agent.target(h.float()))
+    h = agent.vlm.model(**inputs).last_hidden_state[:, -1].float()  # left-padded: the last prompt token
+    return agent.target.to_returns(state_values(agent.vlm.get_output_embeddings()(h), agent.target(h), seen))
 
 
 @torch.no_grad()
-def next_turn_values(agent, batch, v_bar, turn_lengths, device):
+def next_turn_values(agent, batch, v_bar, turn_lengths, seen, device):
     """Per turn, Vbar(s_{t+1,1}) of the next turn's first state, from the next row of the batch or
     `bootstrap_values`. Also which tokens end a turn, and which have a target (a truncated episode's last
     turn has no successor)."""
@@ -391,12 +454,32 @@ def next_turn_values(agent, batch, v_bar, turn_lengths, device):
     v_next = torch.zeros(len(turn_lengths), device=device)
     v_next[:-1] = torch.where(in_batch[:-1], v_bar[(ends - turn_lengths.to(device))[1:]], 0.0)
     if len(boot_of):
-        v_next[boot_of] = bootstrap_values(agent, batch, device)
+        v_next[boot_of] = bootstrap_values(agent, batch, seen, device)
     known = in_batch | batch["done"].to(device)
     known[boot_of] = True
     has_target = torch.ones_like(v_bar)
     has_target[is_last] = known.float()
     return is_last, v_next, has_target
+
+
+def critic_health(advantage, tokens, turn_lengths, q_returns, batch, weights, device):
+    """What shows the critic is healthy: how much of SFT's gradient the filter keeps, the mean advantage at
+    syntax tokens (those in more than half the batch's responses: the template, the end token) and at the
+    others (the decisions), and the Pearson correlation of Q(s_j, y_j) with the Monte-Carlo return G_t of
+    its turn, over turns whose episode terminated."""
+    turn_of_token = torch.repeat_interleave(torch.arange(len(turn_lengths), device=device),
+                                            turn_lengths.to(device))
+    in_response = torch.zeros(len(turn_lengths), int(tokens.max()) + 1, device=device)
+    in_response[turn_of_token, tokens] = 1.0
+    syntax = in_response.mean(0)[tokens] > 0.5
+    stats = {"critic/kept": weights.clamp(max=1).mean().item()}
+    for name, where in (("syntax", syntax), ("decision", ~syntax)):
+        stats[f"critic/advantage_{name}"] = advantage[where].mean().item() if where.any() else float("nan")
+    has_return = batch["has_return"].to(device)[turn_of_token]
+    pair = torch.stack([q_returns[has_return], batch["returns"].to(device)[turn_of_token][has_return]])
+    if pair.shape[1] > 2 and pair.std(1).min() > 0:
+        stats["critic/mc_correlation"] = torch.corrcoef(pair)[0, 1].item()
+    return stats
 
 
 def afsft_loss(agent, batch, args: Args, warmup: bool, device):
@@ -413,26 +496,36 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
         return loss, {"losses/total": loss.item(), "losses/actor": loss.item()}
 
     # --- the lines that make SFT into AFSFT -------------------------------------------------
-    q = agent.critic(h.float())
-    q_taken = q.gather(1, tokens[:, None])[:, 0]
-    with torch.no_grad():
-        advantage = q_taken - state_values(logits.detach(), q)  # (1), (2)
-        v_bar = state_values(logits.detach(), agent.target(h.detach().float()))  # Vbar, from the EMA head
-        is_last, v_next, has_target = next_turn_values(agent, batch, v_bar, turn_lengths, device)
+    # The critic reads detached features by default: its error then cannot move the policy's trunk.
+    h_critic = h.float() if args.critic_trains_trunk else h.detach().float()
+    agent.critic.seen[tokens] = True  # (on every rank: the targets below are averaged over ranks)
+    agent.critic.seen |= mean_over_ranks(agent.critic.seen.float()) > 0
+    seen = agent.critic.seen if args.baseline == "seen" else None
+    pi = logits.detach()
+    with torch.no_grad():  # (3), in return units
+        v_bar = agent.target.to_returns(state_values(pi, agent.target(h_critic), seen))  # Vbar: the EMA head
+        is_last, v_next, has_target = next_turn_values(agent, batch, v_bar, turn_lengths, seen, device)
         not_done = (~batch["done"]).float().to(device)
         mc_weight = args.mc_mix * batch["has_return"].float().to(device)
-        targets = td_targets(v_bar, is_last, batch["rewards"].to(device), args.gamma, not_done, v_next,  # (3)
+        targets = td_targets(v_bar, is_last, batch["rewards"].to(device), args.gamma, not_done, v_next,
                              batch["returns"].to(device), mc_weight)
-    weights = filter_weights(advantage, args.filter, args.beta, args.max_weight)
-    if warmup:  # f = 1 while the critic first learns
-        weights = torch.ones_like(advantage)
-    actor, critic = actor_loss(logp_taken, weights, turn_lengths), critic_loss(q_taken, targets, has_target)
+        if args.popart_rate > 0 and has_target.any():
+            agent.update_return_statistics(targets[has_target.bool()], args.popart_rate)
+    q = agent.critic(h_critic)
+    q_taken = q.gather(1, tokens[:, None])[:, 0]
+    # (1), (2) in units of the return's std. Where the policy is sure of y, A = (1 - pi(y)) (Q(y) - mean Q
+    # of the rest) is near 0, and the exp filter keeps SFT's weight.
+    advantage = (q_taken - state_values(pi, q, seen)).detach()
+    weights = torch.ones_like(advantage) if warmup else filter_weights(advantage, args.filter, args.beta,
+                                                                        args.max_weight)
+    actor = actor_loss(logp_taken, weights, turn_lengths)
+    critic = critic_loss(q_taken, agent.critic.normalise(targets), has_target)  # (4), normalised
     loss = actor + args.critic_coef * critic  # (5) + c (4)
-    td_error = ((q_taken - targets).abs() * has_target).sum().item() / has_target.sum().clamp(min=1).item()
+    q_returns = agent.critic.to_returns(q_taken.detach())
+    td_error = ((q_returns - targets).abs() * has_target).sum() / has_target.sum().clamp(min=1)
     return loss, {"losses/total": loss.item(), "losses/actor": actor.item(), "losses/critic": critic.item(),
-                  "critic/filter_kept": weights.mean().item(),
-                  "critic/positive_advantage": (advantage > 0).float().mean().item(),
-                  "critic/mean_advantage": advantage.mean().item(), "critic/td_error": td_error}
+                  "critic/td_error": td_error.item(), "critic/return_std": agent.critic.return_std().item(),
+                  **critic_health(advantage, tokens, turn_lengths, q_returns, batch, weights, device)}
 
 
 # --- Rollout: one batched generate per turn over --num-envs environments. -----------------------------------
@@ -538,7 +631,12 @@ def gradient_step(agent, optimizer, batch, args: Args, warmup: bool, device, wor
     if world > 1:  # average the gradients over the ranks, as DDP does (it would also bucket them)
         for grad in [p.grad for p in params if p.grad is not None]:
             dist.all_reduce(grad.div_(world))
-    stats["charts/grad_norm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+    # one clip per head: a large critic gradient must not shrink the policy's step
+    critic = [p for p in agent.critic.parameters() if p.requires_grad]
+    policy = [p for p in params if id(p) not in set(map(id, critic))]
+    stats["charts/grad_norm"] = nn.utils.clip_grad_norm_(policy, args.grad_clip).item()
+    if args.filter != "none":
+        stats["charts/critic_grad_norm"] = nn.utils.clip_grad_norm_(critic, args.grad_clip).item()
     optimizer.step()
     agent.update_target(args.tau)
     return stats
@@ -613,8 +711,12 @@ def load_resume_state(args: Args):
 def restore(run: Run, resumed: dict, args: Args):
     """Continue a saved run: the heads, the optimizer, the step, and rank 0's random streams and online
     episodes."""
-    run.agent.critic.load_state_dict(resumed["critic"])
-    run.agent.target.load_state_dict(resumed["target"])
+    try:
+        run.agent.critic.load_state_dict(resumed["critic"])
+        run.agent.target.load_state_dict(resumed["target"])
+    except RuntimeError as err:  # a checkpoint of an afsft.py whose critic head differs
+        fail(f"--resume {args.resume}: its critic head does not fit this afsft.py "
+             f"({str(err).splitlines()[0]})")
     run.optimizer.load_state_dict(resumed["optimizer"])
     for group in run.optimizer.param_groups:  # the loaded state holds the old run's lr; the flags given win
         group.update(lr=args.lr, weight_decay=args.weight_decay)
@@ -736,7 +838,7 @@ def train_step(run: Run, args: Args, phase: str):
 
 def show(bar, stats):
     bar.set_postfix({name: round(stats[key], 3) for name, key in
-                     (("actor", "losses/actor"), ("critic", "losses/critic"), ("kept", "critic/filter_kept"))
+                     (("actor", "losses/actor"), ("critic", "losses/critic"), ("kept", "critic/kept"))
                      if key in stats})
     bar.update()
 

@@ -18,6 +18,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from gymnasium.utils.env_checker import check_env
 
@@ -76,6 +77,32 @@ def test_critic_loss_ignores_masked_tokens():
     assert loss.item() == pytest.approx((1 + 4) / 2)
 
 
+def test_state_value_baseline_ignores_tokens_no_batch_has_held():
+    logits = torch.tensor([[0.0, math.log(3.0), 5.0]])  # the third token: never in the data, Q untrained
+    q = torch.tensor([[4.0, 8.0, 100.0]])
+    seen = torch.tensor([True, True, False])
+    assert afsft.state_values(logits, q, seen).item() == pytest.approx(0.25 * 4 + 0.75 * 8)
+
+
+def test_critic_health_splits_syntax_from_decisions_and_correlates_with_returns():
+    # two turns, "5 x 7": 5 and 7 are in both responses (syntax), 1 and 2 in one each (decisions)
+    tokens, lengths = torch.tensor([5, 1, 7, 5, 2, 7]), torch.tensor([3, 3])
+    advantage = torch.tensor([0.0, 2.0, 0.0, 0.0, 4.0, 0.0])
+    batch = {"has_return": torch.tensor([True, True]), "returns": torch.tensor([1.0, 0.0])}
+    q_returns = torch.tensor([0.9, 0.8, 0.9, 0.1, 0.2, 0.1])  # higher in the turn with the higher return
+    weights = torch.tensor([1.0, 3.0, 1.0, 1.0, 0.5, 0.0])
+    stats = afsft.critic_health(advantage, tokens, lengths, q_returns, batch, weights, "cpu")
+    assert stats["critic/advantage_syntax"] == pytest.approx(0.0)
+    assert stats["critic/advantage_decision"] == pytest.approx(3.0)
+    assert stats["critic/kept"] == pytest.approx((1 + 1 + 1 + 1 + 0.5 + 0) / 6)
+    assert 0.9 < stats["critic/mc_correlation"] <= 1.0
+
+
+def test_exp_filter_keeps_sft_weight_at_zero_advantage():
+    for beta in (0.1, 1.0, 30.0):
+        assert afsft.filter_weights(torch.zeros(3), "exp", beta=beta).tolist() == [1.0, 1.0, 1.0]
+
+
 def test_binary_filter_keeps_exactly_positive_advantages():
     advantage = torch.tensor([-1.0, 0.0, 1e-6, 2.0, -3e-7])
     assert afsft.filter_weights(advantage, "binary").tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]
@@ -128,13 +155,69 @@ def test_encode_marks_one_state_per_response_token(tiny):
         assert inputs["input_ids"][b, positions + 1].tolist() == expected[b]
 
 
-def test_critic_head_starts_at_the_language_head_logits(tiny):
+def test_critic_head_starts_at_zero_the_mean_return(tiny):
     agent, _ = tiny
-    h = torch.randn(4, agent.critic.base.in_features)
-    assert torch.allclose(agent.critic(h), agent.vlm.get_output_embeddings()(h), atol=1e-5)
+    d, vocab = agent.vlm.get_output_embeddings().in_features, agent.vlm.get_output_embeddings().out_features
+    assert torch.equal(agent.critic(torch.randn(4, d)), torch.zeros(4, vocab))
     trainable = sum(p.numel() for p in agent.critic.parameters() if p.requires_grad)
-    d, vocab = agent.critic.base.in_features, agent.critic.base.out_features
-    assert trainable == d * 32 + 32 * vocab + vocab  # low rank: far below d * vocab
+    assert agent.critic.base is None and trainable == d * 32 + 32 * vocab + vocab  # far below d * vocab
+
+
+def test_critic_head_under_lm_init_starts_at_the_language_head_logits(tiny):
+    agent, _ = tiny
+    lm_head = agent.vlm.get_output_embeddings()
+    critic = afsft.CriticHead(lm_head, "lowrank", 8, init="lm")
+    h = torch.randn(4, lm_head.in_features)
+    assert torch.allclose(critic(h), lm_head(h), atol=1e-5)
+
+
+def test_popart_rescaling_keeps_every_q_in_return_units():
+    torch.manual_seed(0)
+    critic = afsft.CriticHead(nn.Linear(6, 5, bias=False), "lowrank", 3)
+    nn.init.normal_(critic.up.weight)
+    nn.init.normal_(critic.bias)
+    h = torch.randn(4, 6)
+    before = critic.to_returns(critic(h))
+    critic.set_statistics(torch.tensor(2.0), torch.tensor(13.0))  # mean 2, std sqrt(13 - 4) = 3
+    assert critic.return_std().item() == pytest.approx(3.0)
+    assert torch.allclose(critic.to_returns(critic(h)), before, atol=1e-5)
+    assert critic.normalise(torch.tensor(8.0)).item() == pytest.approx((8.0 - 2.0) / 3.0)
+
+
+def test_return_statistics_average_the_first_batches_then_move_at_the_rate(tiny):
+    agent, _ = tiny
+    saved = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    agent.update_return_statistics(torch.tensor([1.0, 3.0]), rate=0.01)  # first batch: taken whole
+    assert (agent.critic.return_mean.item(), agent.critic.return_std().item()) == pytest.approx((2.0, 1.0))
+    agent.update_return_statistics(torch.tensor([6.0, 6.0]), rate=0.01)  # second: 1/2 > rate
+    assert agent.critic.return_mean.item() == pytest.approx(4.0)
+    assert agent.target.return_mean.item() == pytest.approx(4.0)  # the target head is rescaled alike
+    assert agent.critic.return_square.item() == pytest.approx((5.0 + 36.0) / 2)
+    agent.critic.load_state_dict(saved)
+    agent.target.load_state_dict(saved)
+
+
+def test_the_policy_step_does_not_depend_on_the_critics_error(tiny):
+    """The critic reads detached features and has its own gradient clip, so scaling its loss by 10^4 leaves
+    the policy's update exactly as it was."""
+    agent, args = tiny
+    buffer = afsft.Buffer([make_episode(6, True), make_episode(5, False)])
+    batch = buffer.sample(np.random.default_rng(1), batch_turns=6, run_length=3)
+    lora = [p for p in agent.policy.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in lora]
+    heads = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    steps = []
+    for coef in (1.0, 1e4):
+        agent.critic.load_state_dict(heads)
+        agent.target.load_state_dict(heads)
+        optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
+        afsft.gradient_step(agent, optimizer, batch, afsft.replace(args, critic_coef=coef), False, "cpu")
+        steps.append([p.detach() - s for p, s in zip(lora, start)])
+        for p, s in zip(lora, start):
+            p.data.copy_(s)
+    assert all(torch.equal(a, b) for a, b in zip(*steps)) and any(a.abs().sum() > 0 for a in steps[0])
+    agent.critic.load_state_dict(heads)
+    agent.target.load_state_dict(heads)
 
 
 def load_pretrain_script():
@@ -232,7 +315,7 @@ def test_afsft_loss_trains_critic_and_trunk_and_sft_skips_the_critic(tiny):
     loss, stats = afsft.afsft_loss(agent, batch, args, warmup=False, device="cpu")
     agent.zero_grad()
     loss.backward()
-    assert math.isfinite(loss.item()) and 0 <= stats["critic/filter_kept"] <= 1
+    assert math.isfinite(loss.item()) and 0 <= stats["critic/kept"] <= 1
     assert agent.critic.up.weight.grad.abs().sum() > 0
     assert agent.vlm.model.language_model.layers[0].mlp.up_proj.lora_B.default.weight.grad.abs().sum() > 0
     agent.zero_grad()
@@ -519,8 +602,8 @@ def test_offline_then_online_run_writes_the_run_directory(tmp_path, dataset):
     metrics = read_metrics(run)
     assert [m["phase"] for m in metrics if "losses/total" in m] == ["offline", "offline", "online", "online"]
     assert all(key in metrics[0] for key in ("losses/total", "losses/actor", "losses/critic",
-                                             "critic/filter_kept", "critic/mean_advantage",
-                                             "critic/td_error"))
+                                             "critic/kept", "critic/advantage_syntax",
+                                             "critic/td_error", "charts/critic_grad_norm"))
     assert (os.path.exists(os.path.join(run, "checkpoint", "policy"))
             and os.path.exists(os.path.join(run, "checkpoint", "state.pt")))
 

@@ -43,7 +43,7 @@ def load_run(run, checkpoint=None):
     args = afsft.Args(**state["args"])
     model = afsft.TINY_BASE if args.model == "tiny" else args.model
     agent = afsft.load_agent(args, model, os.path.join(checkpoint, "policy"))
-    agent.critic.load_state_dict(state["critic"])
+    agent.critic.load_state_dict(state["critic"], strict=False)  # older runs lack the PopArt buffers
     return agent.eval(), args, state["step"]
 
 

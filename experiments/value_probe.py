@@ -18,16 +18,18 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from critic_probe import load_run  # noqa: E402
+
 import afsft  # noqa: E402
 import envs  # noqa: E402
-from critic_probe import load_run  # noqa: E402
 
 
 @torch.no_grad()
 def token_features(agent, args, episodes, gamma, batch=32):
-    """Per token: the trunk's feature, the critic's Q in return units, G_t of its turn, its episode."""
+    """Per token: the trunk's feature, the critic's Q in return units, its advantage (normalised units), its
+    id, G_t of its turn, its episode."""
     turns = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["actions"]))]
-    feats, q, returns, owner = [], [], [], []
+    feats, q, advantage, ids, returns, owner = [], [], [], [], [], []
     for i in range(0, len(turns), batch):
         chunk = turns[i:i + batch]
         eps = [episodes[e] for e, _ in chunk]
@@ -37,12 +39,18 @@ def token_features(agent, args, episodes, gamma, batch=32):
             [ep["actions"][t] for ep, (_, t) in zip(eps, chunk)], args.max_new_tokens)
         h = agent.features(inputs, state_mask).float()
         feats.append(h)
-        q.append(agent.critic.to_returns(agent.critic(h).gather(1, tokens[:, None])[:, 0]))
+        q_all = agent.critic(h)
+        q_taken = q_all.gather(1, tokens[:, None])[:, 0]
+        q.append(agent.critic.to_returns(q_taken))
+        logits = agent.vlm.get_output_embeddings()(h).float()
+        advantage.append(q_taken - afsft.state_values(logits, q_all, agent.critic.seen))
+        ids.append(tokens)
         for (e, t), n in zip(chunk, lengths.tolist()):
             r = episodes[e]["rewards"][t:]
             returns += [float((r * gamma ** torch.arange(len(r))).sum())] * n
             owner += [e] * n
-    return torch.cat(feats).numpy(), torch.cat(q).numpy(), np.array(returns), np.array(owner)
+    return (torch.cat(feats).numpy(), torch.cat(q).numpy(), torch.cat(advantage).numpy(),
+            torch.cat(ids).numpy(), np.array(returns), np.array(owner))
 
 
 def main():
@@ -57,7 +65,7 @@ def main():
     if opt.base:
         agent.policy.disable_adapter_layers()
     episodes = [ep for ep in envs.load_dataset(opt.dataset)["episodes"] if ep["terminated"]][:opt.episodes]
-    x, q, g, owner = token_features(agent, args, episodes, args.gamma)
+    x, q, advantage, ids, g, owner = token_features(agent, args, episodes, args.gamma)
     held_out = owner % 5 == 0
     x1 = np.concatenate([x, np.ones((len(x), 1))], 1)
     a, b = x1[~held_out], g[~held_out]
@@ -65,8 +73,18 @@ def main():
     fit = x1[held_out] @ w
     print(f"{opt.run} (step {step}, {'base' if opt.base else 'run'} features), {len(episodes)} episodes, "
           f"{len(g)} tokens; std of G {g.std():.3f}; held-out correlation with G: "
-          f"linear {np.corrcoef(fit, g[held_out])[0, 1]:.3f}, critic {np.corrcoef(q[held_out], g[held_out])[0, 1]:.3f}")
+          f"linear {np.corrcoef(fit, g[held_out])[0, 1]:.3f}, "
+          f"critic {np.corrcoef(q[held_out], g[held_out])[0, 1]:.3f}")
+
+    print("advantage (return std units) by token, the 8 most frequent: mean, std, and correlation with G")
+    tokenizer = agent.processor.tokenizer
+    for token in np.bincount(ids).argsort()[::-1][:8]:
+        a = advantage[ids == token]
+        corr = np.corrcoef(a, g[ids == token])[0, 1] if a.std() > 0 and g[ids == token].std() > 0 else 0
+        print(f"  {tokenizer.decode([int(token)])!r:>14}: n {len(a):5d}  mean {a.mean():+.3f}  "
+              f"std {a.std():.3f}  corr {corr:+.3f}")
 
 
 if __name__ == "__main__":
     main()
+

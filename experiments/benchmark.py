@@ -4,7 +4,7 @@
     python experiments/benchmark.py --device cuda --sizes tiny,large
     python experiments/benchmark.py --quick --profile       # where AFSFT's extra time goes
 
-It prints four sections: 1. Update cost, SFT (`--filter none`) against AFSFT (binary filter, after its warm-
+It prints four sections: 1. Update cost, SFT (`--filter none`) against AFSFT (default flags, after its warm-
 up) on the SAME batch (one `Buffer.sample` output), for each model size. One update is `afsft.gradient_step`,
 what `afsft.train` does per step: `afsft_loss`, backward, gradient clipping, the optimizer step and the target
 EMA. Times are medians of timed iterations after warm-up ones, the two methods interleaved. On CPU the time is
@@ -96,7 +96,8 @@ def load_batch(path):
 
 def method_args(method, device, **changes):
     """afsft's defaults, with the filter off for SFT."""
-    return afsft.Args(filter="none" if method == "sft" else "binary", device=str(device), **changes)
+    args = afsft.Args(device=str(device), **changes)
+    return afsft.replace(args, filter="none") if method == "sft" else args
 
 
 def load(path, args, device):
@@ -290,7 +291,7 @@ def profile(path, batch, device, opt):
         "critic head forward (AFSFT)": (lambda: agent.critic(h), True),
         "target head + V = sum pi Q (AFSFT)": (lambda: afsft.state_values(logits, agent.target(h)), False),
         f"bootstrap: encode + forward of {len(batch['boot_prompts'])} prompts (AFSFT)":
-            (lambda: afsft.bootstrap_values(agent, batch, device), False),
+            (lambda: afsft.bootstrap_values(agent, batch, None, device), False),
     }
     print("| part | ms, median |\n|---|---|")
     for name, (fn, grad) in parts.items():

@@ -53,7 +53,7 @@ class Args:
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
     # what makes the critic robust (the paper's plain form: --filter binary --popart-rate 0
-    # --baseline all --critic-trains-trunk --critic-init lm)
+    # --baseline all --critic-trains-trunk --critic-init lm --mc-mix 0)
     popart_rate: float = flag(3e-3, "EMA rate of the return statistics the critic learns in (PopArt); "
                               "0: the critic learns in reward units")
     baseline: str = flag("seen", "V(s) = sum pi Q over the tokens some batch has held (seen) or over the "
@@ -61,8 +61,9 @@ class Args:
     critic_trains_trunk: bool = flag(False, "let the critic's loss train the shared VLM too; by default the "
                                      "critic head reads detached features, so the policy's step is SFT's")
     sft_warmup: float = flag(0.2, "fraction of the offline steps trained with the filter off")
-    mc_mix: float = flag(0.0, "lambda: each token's target in turn t becomes (1-lambda) TD + lambda G_t, "
-                         "G_t the episode's Monte-Carlo return; 0 is pure TD (truncated episodes use TD)")
+    mc_mix: float = flag(1.0, "lambda: each token's target in turn t becomes (1-lambda) TD + lambda G_t, "
+                         "G_t the episode's Monte-Carlo return where it terminated (truncated episodes "
+                         "use TD); 0 is pure TD, the paper's")
     # the model
     model: str = flag("tiny", "'tiny' (the pretrained base in tiny_vlm/base) or a hub id / path of an "
                       "image-text-to-text model")

@@ -226,11 +226,10 @@ class CriticHead(nn.Module):
         self.bias.mul_(old_std).add_(old_mean - mean).div_(self.return_std())
 
 
-def mean_over_ranks(tensor):
-    """The mean of a tensor over the DDP ranks (itself on one process)."""
+def sum_over_ranks(tensor):
+    """The sum of a tensor over the DDP ranks (itself on one process)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
     return tensor
 
 
@@ -254,11 +253,15 @@ class Agent(nn.Module):
             target.lerp_(online, tau)
 
     @torch.no_grad()
-    def update_return_statistics(self, returns, rate):
-        """Move both heads' statistics toward this batch's TD targets: a plain average over the first 1/rate
-        batches, then an EMA at `rate`. Every rank uses the mean over all ranks, so they stay identical."""
+    def update_return_statistics(self, targets, mask, rate):
+        """Move both heads' statistics toward the moments of this batch's targets (where `mask`): a plain
+        average over the first 1/rate batches, then an EMA at `rate`. The moments are taken over every
+        rank's batch, so the ranks stay identical."""
+        sums = sum_over_ranks(torch.stack([(targets * mask).sum(), (targets ** 2 * mask).sum(), mask.sum()]))
+        if sums[2] == 0:
+            return
         self.critic.statistics_updates += 1
-        moments = mean_over_ranks(torch.stack([returns.mean(), (returns ** 2).mean()]))
+        moments = sums[:2] / sums[2]
         old = torch.stack([self.critic.return_mean, self.critic.return_square])
         mean, square = old.lerp(moments, max(rate, 1 / self.critic.statistics_updates.item()))
         for head in (self.critic, self.target):
@@ -503,7 +506,7 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     # The critic reads detached features by default: its error then cannot move the policy's trunk.
     h_critic = h.float() if args.critic_trains_trunk else h.detach().float()
     agent.critic.seen[tokens] = True  # (on every rank: the targets below are averaged over ranks)
-    agent.critic.seen |= mean_over_ranks(agent.critic.seen.float()) > 0
+    agent.critic.seen |= sum_over_ranks(agent.critic.seen.float()) > 0
     seen = agent.critic.seen if args.baseline == "seen" else None
     pi = logits.detach()
     with torch.no_grad():  # (3), in return units
@@ -513,8 +516,8 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
         mc_weight = args.mc_mix * batch["has_return"].float().to(device)
         targets = td_targets(v_bar, is_last, batch["rewards"].to(device), args.gamma, not_done, v_next,
                              batch["returns"].to(device), mc_weight)
-        if args.popart_rate > 0 and has_target.any():
-            agent.update_return_statistics(targets[has_target.bool()], args.popart_rate)
+        if args.popart_rate > 0:
+            agent.update_return_statistics(targets, has_target, args.popart_rate)
     q = agent.critic(h_critic)
     q_taken = q.gather(1, tokens[:, None])[:, 0]
     # (1), (2) in units of the return's std. Where the policy is sure of y, A = (1 - pi(y)) (Q(y) - mean Q

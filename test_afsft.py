@@ -187,9 +187,10 @@ def test_popart_rescaling_keeps_every_q_in_return_units():
 def test_return_statistics_average_the_first_batches_then_move_at_the_rate(tiny):
     agent, _ = tiny
     saved = {k: v.clone() for k, v in agent.critic.state_dict().items()}
-    agent.update_return_statistics(torch.tensor([1.0, 3.0]), rate=0.01)  # first batch: taken whole
+    agent.update_return_statistics(torch.tensor([1.0, 3.0, 50.0]), torch.tensor([1.0, 1.0, 0.0]), rate=0.01)
+    # the first batch is taken whole (its unmasked targets)
     assert (agent.critic.return_mean.item(), agent.critic.return_std().item()) == pytest.approx((2.0, 1.0))
-    agent.update_return_statistics(torch.tensor([6.0, 6.0]), rate=0.01)  # second: 1/2 > rate
+    agent.update_return_statistics(torch.tensor([6.0, 6.0]), torch.ones(2), rate=0.01)  # second: 1/2 > rate
     assert agent.critic.return_mean.item() == pytest.approx(4.0)
     assert agent.target.return_mean.item() == pytest.approx(4.0)  # the target head is rescaled alike
     assert agent.critic.return_square.item() == pytest.approx((5.0 + 36.0) / 2)

@@ -505,7 +505,7 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     # --- the lines that make SFT into AFSFT -------------------------------------------------
     # The critic reads detached features by default: its error then cannot move the policy's trunk.
     h_critic = h.float() if args.critic_trains_trunk else h.detach().float()
-    agent.critic.seen[tokens] = True  # (on every rank: the targets below are averaged over ranks)
+    agent.critic.seen[tokens] = True  # the tokens some batch has held, on any rank: the baseline of (2)
     agent.critic.seen |= sum_over_ranks(agent.critic.seen.float()) > 0
     seen = agent.critic.seen if args.baseline == "seen" else None
     pi = logits.detach()

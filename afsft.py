@@ -445,8 +445,9 @@ def bootstrap_values(agent, batch, seen, device):
     """Vbar at the first state of the turn after each run, in return units: one extra no-grad forward over
     its prompt, the only compute AFSFT adds over SFT besides the critic head."""
     inputs = encode(agent.processor, batch["boot_images"], batch["boot_prompts"]).to(device)
-    h = agent.vlm.model(**inputs).last_hidden_state[:, -1].float()  # left-padded: the last prompt token
-    return agent.target.to_returns(state_values(agent.vlm.get_output_embeddings()(h), agent.target(h), seen))
+    h = agent.vlm.model(**inputs).last_hidden_state[:, -1]  # left-padded: the last prompt token
+    logits = agent.vlm.get_output_embeddings()(h)
+    return agent.target.to_returns(state_values(logits, agent.target(h.float()), seen))
 
 
 @torch.no_grad()
@@ -675,7 +676,8 @@ class Run:
 def save_checkpoint(args: Args, run: Run):
     final, tmp = os.path.join(args.out, "checkpoint"), os.path.join(args.out, "checkpoint.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    run.agent.policy.save_pretrained(os.path.join(tmp, "policy"))
+    # the adapters only: the language head's own weights are frozen, so they are not saved again
+    run.agent.policy.save_pretrained(os.path.join(tmp, "policy"), save_embedding_layers=False)
     torch.save({"critic": run.agent.critic.state_dict(), "target": run.agent.target.state_dict(),
                 "args": asdict(args), "optimizer": run.optimizer.state_dict(), "step": run.step,
                 "rng": {"torch": torch.get_rng_state(), "numpy": run.rng.bit_generator.state}},

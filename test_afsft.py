@@ -1306,10 +1306,11 @@ def test_family_lora_heads_and_encoding(family, families, monkeypatch):
     torch.manual_seed(0)
     agent = afsft.load_agent(afsft.Args(finetune="lora", lora_rank=2, critic_rank=4, critic_init="lm"),
                              families[family])
-    # LoRA on every linear layer of the language model (2 layers x q k v o gate up down), nowhere else
-    decoder = agent.vlm.get_decoder()
+    # LoRA on every linear layer of the language model (2 layers x q k v o gate up down) and on its language
+    # head, nowhere else
+    decoder, head = agent.vlm.get_decoder(), agent.vlm.get_output_embeddings()
     adapted = [m for m in agent.vlm.modules() if isinstance(m, LoraLayer)]
-    assert len(adapted) == 14 and all(any(m is d for d in decoder.modules()) for m in adapted)
+    assert len(adapted) == 15 and all(m is head or any(m is d for d in decoder.modules()) for m in adapted)
     assert all("lora_" in n for n, p in agent.policy.named_parameters() if p.requires_grad)
     # the critic head has the language head's shape (the vocabulary with the processor's added tokens) and
     # starts at its logits
@@ -1377,7 +1378,7 @@ def test_qwen2_vl_without_torchvision(families, numberline_data, tmp_path, monke
 def test_bf16_trunk_fp32_heads_and_gradient_checkpointing(families):
     args = afsft.Args(finetune="lora", lora_rank=2, critic_rank=4, dtype="bf16", gradient_checkpointing=True)
     agent = afsft.load_agent(args, families["llava"]).train()
-    assert agent.vlm.dtype == torch.bfloat16 and agent.critic.base.weight.dtype == torch.float32
+    assert agent.vlm.dtype == torch.bfloat16 and agent.critic.up.weight.dtype == torch.float32
     calls = []  # checkpointing runs each decoder layer's forward (so its MLP) again during backward
     agent.vlm.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     batch = afsft.Buffer([make_episode(4, True, image_side=32)]).sample(np.random.default_rng(0), 4, 2)

@@ -54,13 +54,14 @@ class Args:
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
     # what makes the critic robust (the paper's plain form: --filter binary --popart-rate 0
-    # --baseline all --critic-trains-trunk --critic-init lm --mc-mix 0)
+    # --baseline all --critic-init lm --mc-mix 0)
     popart_rate: float = flag(3e-3, "EMA rate of the return statistics the critic learns in (PopArt); "
                               "0: the critic learns in reward units")
     baseline: str = flag("seen", "V(s) = sum pi Q over the tokens some batch has held (seen) or over the "
                          "whole vocabulary (all)", choices=["seen", "all"])
-    critic_trains_trunk: bool = flag(False, "let the critic's loss train the shared VLM too; by default the "
-                                     "critic head reads detached features, so the policy's step is SFT's")
+    critic_trains_trunk: bool = flag(True, "the critic's loss also trains the shared VLM, so the features "
+                                     "learn what the value needs; --no-critic-trains-trunk: the critic head "
+                                     "reads detached features and the policy's step is exactly SFT's")
     sft_warmup: float = flag(0.2, "fraction of the offline steps trained with the filter off")
     mc_mix: float = flag(1.0, "lambda: each token's target in turn t becomes (1-lambda) TD + lambda G_t, "
                          "G_t the episode's Monte-Carlo return where it terminated (truncated episodes "
@@ -505,7 +506,9 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
         return loss, {"losses/total": loss.item(), "losses/actor": loss.item()}
 
     # --- the lines that make SFT into AFSFT -------------------------------------------------
-    # The critic reads detached features by default: its error then cannot move the policy's trunk.
+    # The critic's loss trains the trunk too, in normalised units, so its gradient is on the actor's scale.
+    # Detached (--no-critic-trains-trunk), its error cannot move the policy at all, but on data whose
+    # actions need no reading of the state (random) the features then hold no value to read.
     h_critic = h.float() if args.critic_trains_trunk else h.detach().float()
     agent.critic.seen[tokens] = True  # the tokens some batch has held, on any rank: the baseline of (2)
     agent.critic.seen |= sum_over_ranks(agent.critic.seen.float()) > 0

@@ -199,9 +199,10 @@ def test_return_statistics_average_the_first_batches_then_move_at_the_rate(tiny)
 
 
 def test_the_policy_step_does_not_depend_on_the_critics_error(tiny):
-    """The critic reads detached features and has its own gradient clip, so scaling its loss by 10^4 leaves
-    the policy's update exactly as it was."""
+    """With --no-critic-trains-trunk the critic reads detached features and has its own gradient clip, so
+    scaling its loss by 10^4 leaves the policy's update exactly as it was."""
     agent, args = tiny
+    args = afsft.replace(args, critic_trains_trunk=False)
     buffer = afsft.Buffer([make_episode(6, True), make_episode(5, False)])
     batch = buffer.sample(np.random.default_rng(1), batch_turns=6, run_length=3)
     lora = [p for p in agent.policy.parameters() if p.requires_grad]

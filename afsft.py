@@ -645,7 +645,8 @@ def gradient_step(agent, optimizer, batch, args: Args, warmup: bool, device, wor
             dist.all_reduce(grad.div_(world))
     # one clip per head: a large critic gradient must not shrink the policy's step
     critic = [p for p in agent.critic.parameters() if p.requires_grad]
-    policy = [p for p in params if id(p) not in set(map(id, critic))]
+    critic_ids = set(map(id, critic))
+    policy = [p for p in params if id(p) not in critic_ids]
     stats["charts/grad_norm"] = nn.utils.clip_grad_norm_(policy, args.grad_clip).item()
     if args.filter != "none":
         stats["charts/critic_grad_norm"] = nn.utils.clip_grad_norm_(critic, args.grad_clip).item()

@@ -54,7 +54,7 @@ class Args:
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
     # what makes the critic robust (the paper's plain form: --filter binary --popart-rate 0
-    # --baseline all --critic-init lm --mc-mix 0)
+    # --baseline all --critic-init lm --mc-mix 0 --imitate-invalid)
     popart_rate: float = flag(3e-3, "EMA rate of the return statistics the critic learns in (PopArt); "
                               "0: the critic learns in reward units")
     baseline: str = flag("seen", "V(s) = sum pi Q over the tokens some batch has held (seen) or over the "
@@ -62,6 +62,9 @@ class Args:
     critic_trains_trunk: bool = flag(True, "the critic's loss also trains the shared VLM, so the features "
                                      "learn what the value needs; --no-critic-trains-trunk: the critic head "
                                      "reads detached features and the policy's step is exactly SFT's")
+    imitate_invalid: bool = flag(False, "the actor imitates turns the env rejected as invalid text too (the "
+                                 "paper's form); by default it skips them, and the critic still learns "
+                                 "their penalty")
     sft_warmup: float = flag(0.2, "fraction of the offline steps trained with the filter off")
     mc_mix: float = flag(1.0, "lambda: each token's target in turn t becomes (1-lambda) TD + lambda G_t, "
                          "G_t the episode's Monte-Carlo return where it terminated (truncated episodes "
@@ -390,6 +393,7 @@ class Buffer:
             (eps[e]["rewards"][t:] * self.gamma ** torch.arange(len(eps[e]["rewards"]) - t)).sum()
             for e, t, _ in turns])
         batch["has_return"] = torch.tensor([eps[e]["terminated"] for e, _, _ in turns])
+        batch["valid"] = torch.tensor([bool(eps[e]["valid"][t]) for e, t, _ in turns])
         # where turn i's successor value lives: the next turn in the batch, a bootstrap prompt, or nowhere
         batch["next_in_batch"] = torch.tensor([nxt for _, _, nxt in turns])
         batch["boot_of"] = torch.tensor([i for i, _, _ in successors], dtype=torch.long)
@@ -530,6 +534,12 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     advantage = (q_taken - state_values(pi, q, seen)).detach()
     weights = torch.ones_like(advantage) if warmup else filter_weights(advantage, args.filter, args.beta,
                                                                         args.max_weight)
+    if not args.imitate_invalid:
+        # Text the env rejected earns -p and leaves the state as it was: Q = -p + gamma V(s), so its exact A
+        # = -p - (1 - gamma) V(s) is negative wherever V(s) > -p / (1 - gamma). The critic only learns it
+        # roughly (about -0.5 return std, which exp keeps at 0.6), so the actor takes the sign from the env.
+        valid_token = torch.repeat_interleave(batch["valid"].float(), turn_lengths).to(device)
+        weights = weights * valid_token
     actor = actor_loss(logp_taken, weights, turn_lengths)
     critic = critic_loss(q_taken, agent.critic.normalise(targets), has_target)  # (4), normalised
     loss = actor + args.critic_coef * critic  # (5) + c (4)

@@ -328,6 +328,30 @@ def test_afsft_loss_trains_critic_and_trunk_and_sft_skips_the_critic(tiny):
     agent.zero_grad()
 
 
+def test_the_actor_skips_turns_the_env_rejected_unless_told_to_imitate_them(tiny):
+    """Turn 1 of 3 is invalid text: by default AFSFT's actor loss is SFT's on the two valid turns, scaled by
+    2/3 (the loss averages over all turns); with --imitate-invalid (and with --filter none) it is SFT's on
+    all three. Checked in the warm-up, where f = 1, so only the env's verdict differs."""
+    agent, args = tiny
+    saved = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    episode = make_episode(4, True)
+    episode["actions"][1], episode["valid"][1] = "[action] jump", False
+    buffer = afsft.Buffer([episode])
+    batch = buffer.collate([(0, 0, True), (0, 1, True), (0, 2, False)], [(2, 0, 3)])
+    sft = afsft.replace(args, filter="none")
+
+    def actor(batch, args):
+        return afsft.afsft_loss(agent, batch, args, warmup=True, device="cpu")[1]["losses/actor"]
+
+    valid_only = actor(buffer.collate([(0, 0, False), (0, 2, False)], []), sft)
+    assert actor(batch, args) == pytest.approx(valid_only * 2 / 3, rel=1e-5)
+    imitate = afsft.replace(args, imitate_invalid=True)
+    assert actor(batch, imitate) == pytest.approx(actor(batch, sft), rel=1e-5)
+    assert actor(batch, sft) > actor(batch, args)
+    agent.critic.load_state_dict(saved)
+    agent.target.load_state_dict(saved)
+
+
 # ---------------------------------------------------------------------------
 # Environments: parsing and the defined outcome of invalid text
 # ---------------------------------------------------------------------------

@@ -4,9 +4,10 @@ The method of "VLM Q-Learning: Aligning Vision-Language Models for Interactive
 Decision-Making" (Grigsby, Zhu, Ryoo, Niebles, 2025). A VLM with LoRA adapters
 gets a second output head, a critic Q(s, .) over the vocabulary, learned by
 TD; the policy imitates each response token with a weight f(A) of its
-advantage (by default min(exp(A), 3); the paper's binary filter 1[A > 0] is a
-flag). With `--filter none` it is plain SFT. The equations cited as (1)-(5) are
-written out in the README's method section.
+advantage (by default min(exp(A), 3), and 0 on turns the env rejected; the
+paper's binary filter 1[A > 0] is a flag). With `--filter none` it is plain
+SFT. The equations cited as (1)-(5) are written out in the README's method
+section.
 
 The file reads in the order of the method: the flags, the model (VLM, LoRA,
 two heads), the encoding of turns, the buffer, the losses, the rollout, one

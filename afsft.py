@@ -623,13 +623,17 @@ def run_episodes(agent, args: Args, episodes, temperature, device, seed=10**6):
     return list(done.values()), rollout.envs[0].success
 
 
-def evaluate(agent, args: Args, episodes, device, seed=10**6):
-    """Success rate, valid-action rate and mean return over `episodes` episodes on held-out seeds."""
-    done, success = run_episodes(agent, args, episodes, args.eval_temperature, device, seed)
+def episode_stats(done, success):
+    """Success rate, valid-action rate and mean return of finished episodes."""
     returns = [float(ep["rewards"].sum()) for ep in done]
     return {"success_rate": float(np.mean([success(r) for r in returns])),
             "valid_action_rate": float(torch.cat([ep["valid"] for ep in done]).float().mean()),
-            "mean_return": float(np.mean(returns)), "episodes": episodes}
+            "mean_return": float(np.mean(returns)), "episodes": len(done)}
+
+
+def evaluate(agent, args: Args, episodes, device, seed=10**6):
+    """episode_stats of `episodes` episodes on held-out seeds."""
+    return episode_stats(*run_episodes(agent, args, episodes, args.eval_temperature, device, seed))
 
 
 # --- One gradient step --------------------------------------------------------------------------------------
@@ -683,6 +687,9 @@ class Run:
     num_offline: int = 0
     log: object = None  # metrics.jsonl, open on rank 0
     interrupted: bool = False  # set by Ctrl-C; the loop stops at its next step and saves
+    # online episodes finished since the last metrics line (the rollouts' own success and valid-action rate)
+    new_episodes: list = field(default_factory=list)
+    success: object = None  # the env's success test of an episode's return
 
     @property
     def master(self):  # rank 0 logs, evaluates and saves
@@ -852,6 +859,10 @@ def train_step(run: Run, args: Args, phase: str):
     if run.master and (run.step % args.log_every == 0 or run.step == total_steps(args) or evaluating):
         stats.update({"step": run.step, "phase": phase,
                       "charts/buffer_turns": sum(len(ep["actions"]) for ep in run.buffer.episodes)})
+        if run.new_episodes:
+            rollouts = episode_stats(run.new_episodes, run.success)
+            stats.update({f"rollout/{key}": value for key, value in rollouts.items()})
+            run.new_episodes = []
         if evaluating:
             result = evaluate(run.agent, args, max(args.eval_episodes // 2, 1), run.device)
             stats.update({f"eval/{key}": value for key, value in result.items()})
@@ -912,8 +923,11 @@ def train(args: Args):
         # online rounds: every env acts for --rollout-len turns, then the agent learns
         while run.step < total:
             rollout = rollout or Rollout(args, seed=args.seed * 7919 + run.step)
+            run.success = rollout.envs[0].success
             for _ in range(args.rollout_len):
-                run.buffer.episodes += rollout.step(run.agent, args, args.temperature, run.device)
+                finished = rollout.step(run.agent, args, args.temperature, run.device)
+                run.buffer.episodes += finished
+                run.new_episodes += finished
                 if run.interrupted:
                     raise KeyboardInterrupt
             for _ in range(args.updates_per_round):

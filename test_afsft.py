@@ -610,6 +610,15 @@ SMALL = ["--batch-turns", "8", "--run-length", "4", "--num-envs", "2", "--rollou
          "--updates-per-round", "2", "--max-new-tokens", "8", "--log-every", "2"]
 
 
+def test_episode_stats_of_finished_episodes():
+    """What evaluate reports, and what online rounds log as rollout/...: by hand on two episodes."""
+    episodes = [{"rewards": torch.tensor([0.0, 1.0]), "valid": torch.tensor([True, True])},
+                {"rewards": torch.tensor([-0.1, -0.1, 0.0]), "valid": torch.tensor([False, False, True])}]
+    stats = afsft.episode_stats(episodes, lambda episode_return: episode_return > 0.5)
+    assert stats == {"success_rate": 0.5, "valid_action_rate": pytest.approx(3 / 5),
+                     "mean_return": pytest.approx((1.0 - 0.2) / 2), "episodes": 2}
+
+
 def read_metrics(run):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

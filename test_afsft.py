@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -256,6 +257,22 @@ def test_shipped_base_matches_the_pretrain_script_and_reads_its_images(tiny):
                 f"{', '.join(envs.rank_name(card[0]) for card in player)}."
                 for caption, (_, player, dealer) in zip(captions, renders))
     assert right >= 6
+
+
+def test_pretraining_never_answers_with_an_env_action_or_its_tag():
+    """The base learns to see and to follow instructions, never an env's action syntax: no response of its
+    data is an env's action or holds the "[action]" tag (the paper's base has not seen the task)."""
+    pretrain = load_pretrain_script()
+    rng = np.random.default_rng(0)
+    actions = {a for name in ["numberline", "ezpoints", "blackjack", "babyai"]
+               for a in envs.make_env(name).action_words}
+    responses = [pretrain.instruction_sample(rng, None)[2] for _ in range(3000)]
+    tagged = [r.split("] ", 1)[1] for r in responses if r.startswith("[") and "] " in r]
+    clicks = re.compile(r"click\((ref|x)=")
+    assert not [r for r in responses + tagged if "[action]" in r or r in actions or clicks.match(r)]
+    for sample in pretrain.CAPTIONS.values():  # what a picture shows may be a number or a card, not a move
+        caption = sample(rng)[1]
+        assert "[action]" not in caption and caption not in actions
 
 
 def test_lora_fine_tune_learns_a_new_question_from_pixels(tiny):

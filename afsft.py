@@ -922,8 +922,9 @@ def train(args: Args):
             show(bar, train_step(run, args, "offline"))
         # online rounds: every env acts for --rollout-len turns, then the agent learns
         while run.step < total:
-            rollout = rollout or Rollout(args, seed=args.seed * 7919 + run.step)
-            run.success = rollout.envs[0].success
+            if rollout is None:
+                rollout = Rollout(args, seed=args.seed * 7919 + run.step)
+                run.success = rollout.envs[0].success
             for _ in range(args.rollout_len):
                 finished = rollout.step(run.agent, args, args.temperature, run.device)
                 run.buffer.episodes += finished

@@ -827,6 +827,24 @@ def test_same_seed_gives_the_same_losses(tmp_path, dataset):
     assert len(losses[0]) == 4 and losses[0] == losses[1]
 
 
+@pytest.mark.slow
+def test_results_table_runs_every_column_then_skips_what_finished(tmp_path):
+    cell = ["--domains", "numberline", "--datasets", "random", "--seeds", "1", "--methods", "prompted,sft",
+            "--offline-steps", "2", "--episodes", "4", "--eval-episodes", "1", "--out", str(tmp_path),
+            "--table", str(tmp_path / "results.md")]
+    script = os.path.join("experiments", "results.py")
+    first = run_cli(*cell, script=script)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "train numberline/seed0/prompted" in first.stdout
+    assert "train numberline/random/seed0/sft" in first.stdout
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    row = [line for line in lines if line.startswith("| NumberLine")]
+    # task, dataset, seeds, the dataset, prompted base, SFT, expert, RL4VLM
+    assert len(row) == 1 and row[0].count("|") == 9
+    again = run_cli(*cell, script=script)
+    assert again.returncode == 0 and "train " not in again.stdout and "collect " not in again.stdout
+
+
 # ---------------------------------------------------------------------------
 # The other domains: gym_cards and MiniWoB++ (the MiniWoB tests skip, saying
 # what to install, where Chromium is missing)

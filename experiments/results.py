@@ -1,12 +1,14 @@
-"""results.py: the results table of issue #4 in one command: collect, train, evaluate, aggregate.
+"""results.py: the paper's three results in one table, in one command: collect, train, evaluate, aggregate.
 
-    python experiments/results.py                         # the full table (50 CPU hours, see below)
+    python experiments/results.py                         # the full table (about 75 CPU hours, see below)
     python experiments/results.py --quick                 # a smoke-sized table in <= 30 minutes on 2 cores
     python experiments/results.py --domains numberline --datasets random --methods sft,afsft --seeds 1 \\
         --offline-steps 20 --episodes 30                  # one cell, to check the pipeline end to end
 
-For each domain, dataset and seed S it collects the dataset with seed S (`envs.py collect`), then trains,
-each run with seed S, as a subprocess of `afsft.py`:
+For each domain and seed S it runs, as subprocesses of `afsft.py` with seed S and afsft.py's defaults:
+- `prompted`:     the base evaluated untrained (`--offline-steps 0`): the paper's "prompting" row;
+- `online`:       AFSFT online from the base, no dataset (`--offline-steps 0 --online-rounds K`);
+and for each dataset it collects with seed S (`envs.py collect`):
 - `sft`:          offline SFT, `--filter none`;
 - `afsft`:        offline AFSFT with afsft.py's default flags, plus `--afsft-flags` if given (for example
                   the paper's plain form, README "What makes the critic robust");
@@ -24,22 +26,15 @@ Domains, all from the images alone: numberline, ezpoints, blackjack (gym_cards),
 (BabyAI), click-button, click-dialog (MiniWoB++, which needs chromium); groups: cards, babyai,
 miniwob, all. Datasets: random, mixed-0.1, mixed-0.3 (`--policy mixed --expert-fraction F`); `mixed` is both.
 
-Cost, estimated from speeds measured on these 2-core machines, one thread per process, tiny model:
-- a training step at --batch-turns 32 takes 0.6-0.8 CPU s on the cards, 0.9-1.1 on BabyAI, 2.3 on
-  click-button and 5.1 on click-dialog (its prompts list the page: 730 tokens), AFSFT 1-10% more;
-- rollouts and evaluations run at about 27 env steps per CPU s with 8 envs (24-token responses),
-  and a failing episode lasts up to 10 turns (NumberLine), 64 (BabyAI) or 5 (MiniWoB).
-The full table (500 offline steps, the README's protocol; 50 online rounds of 16 turns and 8 steps, 300
-episodes, 50 evaluation episodes plus 5 of 25 on the way) costs per seed and dataset about 1,300 CPU s for
-each cards domain, 2,000 for each BabyAI level, 4,000 for click-button and 7,900 for click-dialog: 19,800 s.
-Times 3 datasets and 3 seeds, that is about 50 CPU hours, 25 hours with --jobs 2 on 2 cores. (The 77 runs
-of the README's table, 74 offline and 3 online, measured 10.5 CPU hours in all.)
+Cost on these 2-core machines, one thread per process, the pretrained tiny base with LoRA (2026-12-02,
+two runs at a time): 1,000 offline steps plus the evaluations took 770-1,480 s per run on the cards and
+BabyAI, and 50 online rounds 380-690 s; so about 2,600 CPU s per domain, dataset and seed for the three
+dataset runs, plus about 600 per domain and seed for the two without one. The MiniWoB tasks cost 2-5x
+as much per step (their prompts list the page). The full table is about 75 CPU hours, most of it the
+MiniWoB rows: about 37 hours with --jobs 2 on 2 cores.
 --quick keeps one seed and one dataset (mixed-0.3), with 80 offline steps (40 on the MiniWoB tasks),
-3 online rounds, 60 episodes and 20 evaluation episodes. Measured on 2026-11-25 with --jobs 2 on 2
-cores, with the paper's flags (the filter's flags do not change what a gradient step costs): 1,591 s
-wall (26.5 minutes) and 2,623 CPU s; the three training runs took 170 CPU s on NumberLine, 190 on
-Blackjack, 300 on EZPoints, 350-360 on each BabyAI level, 400 on click-button and 810 on click-dialog
-(at 80 MiniWoB steps it took 2,027 s wall, over the 30-minute goal).
+3 online rounds, 60 episodes and 20 evaluation episodes. Measured on 2026-11-25 on the model of that
+time (--jobs 2 on 2 cores): 1,591 s wall (26.5 minutes) and 2,623 CPU s.
 Such short runs show that everything runs end to end, not which method wins.
 """
 import argparse
@@ -61,6 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 import envs  # noqa: E402
+from afsft import Args  # noqa: E402  (afsft.py's defaults)
 
 # name: (title, --env, --text-view)
 DOMAINS = {
@@ -77,7 +73,9 @@ GROUPS = {"cards": ["numberline", "ezpoints", "blackjack"], "babyai": ["gotoredb
 DATASETS = {"random": ["--policy", "random"],
             "mixed-0.1": ["--policy", "mixed", "--expert-fraction", "0.1"],
             "mixed-0.3": ["--policy", "mixed", "--expert-fraction", "0.3"]}
-METHODS = {"sft": "SFT (offline)", "afsft": "AFSFT (offline)", "afsft-online": "AFSFT offline -> online"}
+METHODS = {"prompted": "prompted base", "sft": "SFT (offline)", "afsft": "AFSFT (offline)",
+           "afsft-online": "AFSFT offline -> online", "online": "AFSFT online only"}
+DATA_FREE = ("prompted", "online")  # runs without a dataset: one per domain and seed, shown on every row
 # Success rates (%) reported by RL4VLM (Zhai et al., 2024, "Fine-Tuning Large Vision-Language Models as
 # Decision-Making Agents via Reinforcement Learning", Table 2) for their RL on a 7B LLaVA: not run here.
 RL4VLM = {"numberline": 89.4, "ezpoints": 50.0, "blackjack": 40.2}
@@ -151,13 +149,16 @@ def offline_steps(domain, opt):
 
 
 def train(run_dir, domain, data, seed, opt, extra=()):
-    """One `afsft.py` run unless its eval.json exists; resumes from its checkpoint if it has one."""
+    """One `afsft.py` run unless its eval.json exists; resumes from its checkpoint if it has one. Without
+    `data` the run has no offline steps: the base evaluated as it is, or trained online only."""
     if os.path.exists(os.path.join(run_dir, "eval.json")):
         return True
     _, env, text_view = DOMAINS[domain]
-    cmd = [sys.executable, "afsft.py", "--env", env, "--offline", data, "--seed", str(seed),
-           "--offline-steps", str(offline_steps(domain, opt)), "--eval-episodes", str(opt.eval_episodes),
-           "--eval-every", str(opt.eval_every), "--log-every", str(opt.log_every), *extra]
+    cmd = [sys.executable, "afsft.py", "--env", env, "--seed", str(seed),
+           "--eval-episodes", str(opt.eval_episodes), "--eval-every", str(opt.eval_every),
+           "--log-every", str(opt.log_every), *extra]
+    cmd += ["--offline", data, "--offline-steps", str(offline_steps(domain, opt))] if data else [
+        "--offline-steps", "0"]
     cmd += ["--text-view"] if text_view else []
     if os.path.exists(os.path.join(run_dir, "checkpoint", "state.pt")):
         cmd += ["--resume", run_dir]
@@ -183,10 +184,21 @@ def flags_name(flags):
 
 
 def run_name(method, opt):
-    if method != "afsft-online":
+    if method not in ("afsft-online", "online"):
         return method
-    return (f"afsft-online{opt.online_rounds}"
+    return (f"{method}{opt.online_rounds}"
             + (f"-{flags_name(opt.online_flags)}" if opt.online_flags else ""))
+
+
+def data_free(domain, seed, opt):
+    """The runs without a dataset: the prompted base (evaluated untrained) and AFSFT online from the base."""
+    where = os.path.join(opt.root, domain, f"seed{seed}")
+    os.makedirs(where, exist_ok=True)
+    if "prompted" in opt.methods:
+        train(os.path.join(where, "prompted"), domain, None, seed, opt)
+    if "online" in opt.methods:
+        train(os.path.join(where, run_name("online", opt)), domain, None, seed, opt,
+              [*opt.afsft_flags, *opt.online_flags, "--online-rounds", str(opt.online_rounds)])
 
 
 def chain(domain, dataset, seed, opt):
@@ -235,10 +247,13 @@ def mean_std(values):
 
 
 def rates(where, method, opt):
-    """(success, valid-action rate) of one seed's dataset (method None) or finished run, or None."""
+    """(success, valid-action rate) of one seed's dataset (method None) or finished run, or None. `where`
+    is the seed's folder of a dataset; the runs without one sit a level up."""
     if method is None:
         path = os.path.join(where, "data.pt")
         return dataset_rates(path) if os.path.exists(path) else None
+    if method in DATA_FREE:
+        where = os.path.join(os.path.dirname(os.path.dirname(where)), os.path.basename(where))
     path = os.path.join(where, run_name(method, opt), "eval.json")
     if not os.path.exists(path):
         return None
@@ -258,14 +273,15 @@ def cell(results, seeds):
 
 def table(opt):
     columns = [None] + opt.methods  # None: the dataset itself
+    online = bool({"afsft-online", "online"} & set(opt.methods))
     miniwob_steps = offline_steps("click-button", opt)
     lines = [f"# Results: {' vs '.join(METHODS[m] for m in opt.methods)}", "",
              f"Made by `python experiments/results.py {shlex.join(sys.argv[1:])}` into `{show(opt.root)}`.",
              f"Tiny default model, {opt.episodes} dataset episodes, {opt.offline_steps} offline steps"
              + (f" ({miniwob_steps} on the MiniWoB tasks)" if miniwob_steps != opt.offline_steps else "")
-             + (f", then online rounds: {opt.online_rounds}" if "afsft-online" in opt.methods else "")
+             + (f", online rounds: {opt.online_rounds}" if online else "")
              + (f" with `{' '.join(opt.online_flags)}` added"
-                if "afsft-online" in opt.methods and opt.online_flags else "")
+                if online and opt.online_flags else "")
              + f"; AFSFT with `{' '.join(opt.afsft_flags) or 'no flags'}`, afsft.py's defaults otherwise; "
              f"greedy evaluation on {opt.eval_episodes} held-out episodes; each seed its own dataset. "
              "Every task runs from the images alone.", "",
@@ -313,6 +329,8 @@ def run_all(opt):
         slow_first = sorted(opt.domains, key=lambda d: d.startswith("click"), reverse=True)
         tasks += [pool.submit(chain, d, ds, s, opt) for s in range(opt.seeds) for d in slow_first
                   for ds in opt.datasets]
+        if set(DATA_FREE) & set(opt.methods):
+            tasks += [pool.submit(data_free, d, s, opt) for s in range(opt.seeds) for d in slow_first]
         for task in tasks:
             task.result()  # re-raises a crash of this script (a failed subprocess is only reported)
 
@@ -322,13 +340,14 @@ def main():
     p.add_argument("--domains", default="all", help="comma-separated domains or groups (default: all)")
     p.add_argument("--datasets", default=None,
                    help="random, mixed-0.1, mixed-0.3, mixed (default: all; --quick: mixed-0.3)")
-    p.add_argument("--methods", default="sft,afsft,afsft-online",
-                   help="sft, afsft, afsft-online (default: all three)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"{', '.join(METHODS)} (default: all)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: 3; --quick: 1)")
     p.add_argument("--episodes", type=int, default=None,
                    help="episodes per dataset (default: 300; --quick: 60)")
     p.add_argument("--offline-steps", type=int, default=None,
-                   help="afsft.py --offline-steps (default: 500; --quick: 80, 40 on MiniWoB)")
+                   help=f"afsft.py --offline-steps (default: afsft.py's, {Args().offline_steps}; "
+                   "--quick: 80, 40 on MiniWoB)")
     p.add_argument("--online-rounds", type=int, default=None,
                    help="afsft.py --online-rounds, rounds (default: 50; --quick: 3)")
     p.add_argument("--eval-episodes", type=int, default=None,
@@ -351,7 +370,8 @@ def main():
                    help="markdown table (default: experiments/results.md)")
     opt = p.parse_args()
     defaults = {"datasets": "mixed-0.3" if opt.quick else "random,mixed", "seeds": 1 if opt.quick else 3,
-                "episodes": 60 if opt.quick else 300, "offline_steps": 80 if opt.quick else 500,
+                "episodes": 60 if opt.quick else 300,
+                "offline_steps": 80 if opt.quick else Args().offline_steps,
                 "online_rounds": 3 if opt.quick else 50, "eval_episodes": 20 if opt.quick else 50}
     for key, value in defaults.items():
         if getattr(opt, key) is None:

@@ -7,7 +7,8 @@
 
 Each figure has one column per dataset and two rows: the greedy success rate and the valid-action rate (the
 share of turns whose text parsed as an action) against gradient steps, one line per method, the mean over
-seeds with a band of +- one standard deviation. An afsft-online line starts where its afsft run ended. The
+seeds with a band of +- one standard deviation. The runs without a dataset (the prompted base, AFSFT online
+from the base) have their own column. An afsft-online line starts where its afsft run ended. The
 points are the `metrics.jsonl` lines that carry `eval/success_rate`: afsft.py's `--eval-every` evaluations (on
 half of `--eval-episodes`) and its final one, of finished runs only (those with an `eval.json`). matplotlib is
 an optional extra, needed only here (pip install matplotlib)."""
@@ -21,7 +22,9 @@ from collections import defaultdict
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COLORS = {"sft": "tab:gray", "afsft": "tab:blue", "afsft-online": "tab:orange"}
+COLORS = {"sft": "tab:gray", "afsft": "tab:blue", "afsft-online": "tab:orange", "online": "tab:green",
+          "prompted": "tab:red"}
+NO_DATASET = "no dataset"  # the column of the prompted base and of AFSFT online from the base
 
 
 METRICS = {"eval/success_rate": "greedy success rate", "eval/valid_action_rate": "valid-action rate"}
@@ -44,18 +47,23 @@ def curve(metrics_path, online_only=False):
 
 def load_runs(root):
     """{domain: {dataset: {method: [curve per seed]}}} from
-    root/<domain>/<dataset>/seed*/<method>/metrics.jsonl."""
+    root/<domain>/<dataset>/seed*/<method>/metrics.jsonl, and from root/<domain>/seed*/<method>/metrics.jsonl
+    for the runs without a dataset (their column: NO_DATASET)."""
     runs = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for path in sorted(glob.glob(os.path.join(root, "*", "*", "seed*", "*", "metrics.jsonl"))):
+    with_data = glob.glob(os.path.join(root, "*", "*", "seed*", "*", "metrics.jsonl"))
+    without = glob.glob(os.path.join(root, "*", "seed*", "*", "metrics.jsonl"))
+    for path in sorted(with_data + without):
         method_dir = os.path.dirname(path)
         if not os.path.exists(os.path.join(method_dir, "eval.json")):
             continue  # a run still going, or killed: its curve would end early and look like a result
-        seed_dir = os.path.dirname(method_dir)
-        dataset_dir = os.path.dirname(seed_dir)
+        above_seed = os.path.dirname(os.path.dirname(method_dir))
+        if path in without:
+            domain, dataset = os.path.basename(above_seed), NO_DATASET
+        else:
+            domain, dataset = os.path.basename(os.path.dirname(above_seed)), os.path.basename(above_seed)
         points = curve(path, online_only=os.path.basename(method_dir).startswith("afsft-online"))
         if points["eval/success_rate"]:
-            runs[os.path.basename(os.path.dirname(dataset_dir))][os.path.basename(dataset_dir)][
-                os.path.basename(method_dir)].append(points)
+            runs[domain][dataset][os.path.basename(method_dir)].append(points)
     return runs
 
 
@@ -80,10 +88,10 @@ def plot_domain(domain, datasets, out_path, title):
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
         axes[0][column].set_title(dataset)
+        axes[0][column].legend(fontsize=8)  # each column has its own methods
         axes[-1][column].set_xlabel("gradient steps")
     for ax, label in zip(axes[:, 0], METRICS.values()):
         ax.set_ylabel(label)
-    axes[0][-1].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)

@@ -1,18 +1,21 @@
-"""critic_probe.py: does a trained BabyAI run's critic prefer the expert's action where the data disagrees?
+"""critic_probe.py: does a trained run's critic prefer the expert's action where the data disagrees?
 
     python experiments/critic_probe.py runs/afsft                 # 60 probe episodes
     python experiments/critic_probe.py runs/afsft runs/sft --episodes 300
 
-A `mixed` dataset holds two scripted policies: the expert (BabyAIBot sent to the mission's object) and
-the decoy (the same bot sent to the nearest other object). AFSFT can only beat SFT in the states where
-they choose differently, so that is where this probe looks. It plays fresh episodes (seeds that no
-dataset or evaluation uses), half driven by each bot. In every state it asks both bots for their action;
-where they differ, it encodes both responses for the same prompt and compares them at the first token
-where they differ (one state s_k, two candidate tokens):
+A `mixed` dataset holds two scripted policies: the expert and the decoy, the env's `suboptimal_action`
+(on BabyAI the bot sent to the nearest other object; on Blackjack "hit until 20"). AFSFT can only beat
+SFT in the states where they choose differently, so that is where this probe looks. It plays fresh
+episodes (seeds that no dataset or evaluation uses), half driven by each bot. In every state it asks
+both bots for their action; where they differ, it encodes both responses for the same prompt and
+compares them at the first token where they differ (one state s_k, two candidate tokens):
 
 - `Q_E>Q_D`: how often the critic ranks the expert's token above the decoy's;
 - `pi_E>pi_D`: how often the policy does (greedy decoding picks the larger);
-- `keep E`, `keep D`: how often the binary filter keeps each token, 1[Q(s_k, y) > V(s_k)].
+- `keep E`, `keep D`: how often the binary filter keeps each token, 1[Q(s_k, y) > V(s_k)];
+- `dQ`: the mean of Q(s_k, expert) - Q(s_k, decoy), in return std (the critic's units). Where the data
+  takes the decoy's token p times as often as the expert's, the exp filter's policy ends at
+  pi_E / pi_D = exp(beta dQ) / p, so it prefers the expert's token only if beta dQ > ln p.
 
 A critic that has learned only which action words pay on average (an action prior) scores 1.00 on some
 rows and 0.00 on others, whatever the state. Then, with `--linear`, a linear probe asks whether the
@@ -50,8 +53,6 @@ def load_run(run, checkpoint=None):
 def disagreement_states(args, episodes):
     """(image, prompt, expert's action words, decoy's action words) wherever the two bots differ."""
     env = envs.make_env(args.env, text_view=args.text_view, scheme=args.scheme)
-    if not isinstance(env, envs.BabyAIText):
-        sys.exit("critic_probe.py: only BabyAI runs have an expert and a decoy to compare")
     states = []
     for i in range(episodes):
         obs, _ = env.reset(seed=PROBE_SEED + i)
@@ -92,6 +93,7 @@ def compare(agent, args, states):
         row["pi_E>pi_D"].append(pi[i, e] > pi[i, d])
         row["keep E"].append(q[i, e] > v[i])
         row["keep D"].append(q[j, d] > v[j])
+        row["dQ"].append(float(q[i, e] - q[i, d]))
         if {expert.split()[0], decoy.split()[0]} == {"go", "turn"}:
             features.append((h[i].numpy(), expert.startswith("go")))
     return rows, features
@@ -138,7 +140,7 @@ def main():
         critic = "" if args.filter != "none" else " (--filter none: the critic head was never trained)"
         print(f"{run}, step {step}: {len(states)} states where expert and decoy disagree{critic}")
         print(f"  {'expert vs decoy':28s}    n  "
-              + "  ".join(f"{c:>9s}" for c in ("Q_E>Q_D", "pi_E>pi_D", "keep E", "keep D")))
+              + "  ".join(f"{c:>9s}" for c in ("Q_E>Q_D", "pi_E>pi_D", "keep E", "keep D", "dQ")))
         for kind in sorted(rows):
             cols = rows[kind]
             print(f"  {kind:28s} {len(cols['Q_E>Q_D']):4d}  "

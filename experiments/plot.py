@@ -2,7 +2,7 @@
 
     python experiments/plot.py                                  # every settings folder under experiments/runs
     python experiments/plot.py \\
-        experiments/runs/ep300-off500-eval50x100-filter_exp_beta_20_mc-mix_1_tau_0.1_critic-coef_10 \\
+        experiments/runs/ep300-off1000-eval50x200 \\
         --out experiments/plots
 
 Each figure has one column per dataset and two rows: the greedy success rate and the valid-action rate (the

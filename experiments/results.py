@@ -32,9 +32,13 @@ BabyAI, and 50 online rounds 380-690 s; so about 2,600 CPU s per domain, dataset
 dataset runs, plus about 600 per domain and seed for the two without one. The MiniWoB tasks cost 2-5x
 as much per step (their prompts list the page). The full table is about 75 CPU hours, most of it the
 MiniWoB rows: about 37 hours with --jobs 2 on 2 cores.
---quick keeps one seed and one dataset (mixed-0.3), with 80 offline steps (40 on the MiniWoB tasks),
-3 online rounds, 60 episodes and 20 evaluation episodes. Measured on 2026-11-25 on the model of that
-time (--jobs 2 on 2 cores): 1,591 s wall (26.5 minutes) and 2,623 CPU s.
+--quick keeps one seed, one dataset (mixed-0.3), the cards and BabyAI domains (MiniWoB needs a browser and
+its long prompts make its evaluations slow), 80 offline steps, 3 online rounds, 60 episodes and 20
+evaluation episodes. Measured on 2026-12-02 (--jobs 2 on 2 cores) with `--domains all`: 3,309 s wall and
+5,879 CPU s, of which click-dialog took 2,529 CPU s and click-button 915 (40 steps each); the five
+domains that --quick now runs took 2,360 CPU s (NumberLine 293, EZPoints 418, Blackjack 419, GoToRedBall
+583, GoToLocal 647), about 20 minutes on 2 cores. That subset was summed from the runs' own
+cost.json, not timed alone.
 Such short runs show that everything runs end to end, not which method wins.
 """
 import argparse
@@ -337,7 +341,8 @@ def run_all(opt):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--domains", default="all", help="comma-separated domains or groups (default: all)")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated domains or groups (default: all; --quick: cards,babyai)")
     p.add_argument("--datasets", default=None,
                    help="random, mixed-0.1, mixed-0.3, mixed (default: all; --quick: mixed-0.3)")
     p.add_argument("--methods", default=",".join(METHODS),
@@ -369,7 +374,8 @@ def main():
     p.add_argument("--table", default=os.path.join(HERE, "results.md"),
                    help="markdown table (default: experiments/results.md)")
     opt = p.parse_args()
-    defaults = {"datasets": "mixed-0.3" if opt.quick else "random,mixed", "seeds": 1 if opt.quick else 3,
+    defaults = {"domains": "cards,babyai" if opt.quick else "all",
+                "datasets": "mixed-0.3" if opt.quick else "random,mixed", "seeds": 1 if opt.quick else 3,
                 "episodes": 60 if opt.quick else 300,
                 "offline_steps": 80 if opt.quick else Args().offline_steps,
                 "online_rounds": 3 if opt.quick else 50, "eval_episodes": 20 if opt.quick else 50}

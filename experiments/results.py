@@ -194,6 +194,11 @@ def run_name(method, opt):
             + (f"-{flags_name(opt.online_flags)}" if opt.online_flags else ""))
 
 
+def online_args(opt):
+    """afsft.py flags of an online run, from the base or from a copy of the afsft run."""
+    return [*opt.afsft_flags, *opt.online_flags, "--online-rounds", str(opt.online_rounds)]
+
+
 def data_free(domain, seed, opt):
     """The runs without a dataset: the prompted base (evaluated untrained) and AFSFT online from the base."""
     where = os.path.join(opt.root, domain, f"seed{seed}")
@@ -202,7 +207,7 @@ def data_free(domain, seed, opt):
         train(os.path.join(where, "prompted"), domain, None, seed, opt)
     if "online" in opt.methods:
         train(os.path.join(where, run_name("online", opt)), domain, None, seed, opt,
-              [*opt.afsft_flags, *opt.online_flags, "--online-rounds", str(opt.online_rounds)])
+              online_args(opt))
 
 
 def chain(domain, dataset, seed, opt):
@@ -225,7 +230,7 @@ def chain(domain, dataset, seed, opt):
                     os.remove(os.path.join(online + ".tmp", name))
                 os.replace(online + ".tmp", online)
             train(online, domain, data, seed, opt,
-                  [*opt.afsft_flags, *opt.online_flags, "--online-rounds", str(opt.online_rounds)])
+                  online_args(opt))
 
 
 # ---------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def plot_domain(domain, datasets, out_path, title):
                 steps = sorted({s for c in per_seed for s in c})
                 values = [[c[s] for c in per_seed if s in c] for s in steps]  # seeds that reached this step
                 mean, std = np.array([np.mean(v) for v in values]), np.array([np.std(v) for v in values])
-                ax.plot(steps, mean, marker="o", ms=3, color=color, label=f"{method} ({len(curves)} seeds)")
+                seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
+                ax.plot(steps, mean, marker="o", ms=3, color=color, label=f"{method} ({seeds})")
                 ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)

@@ -286,13 +286,15 @@ def table(opt):
     miniwob_steps = offline_steps("click-button", opt)
     lines = [f"# Results: {' vs '.join(METHODS[m] for m in opt.methods)}", "",
              f"Made by `python experiments/results.py {shlex.join(sys.argv[1:])}` into `{show(opt.root)}`.",
-             f"Tiny default model, {opt.episodes} dataset episodes, {opt.offline_steps} offline steps"
+             f"The pretrained tiny base (`--model tiny`), {opt.episodes} dataset episodes, "
+             f"{opt.offline_steps} offline steps"
              + (f" ({miniwob_steps} on the MiniWoB tasks)" if miniwob_steps != opt.offline_steps else "")
              + (f", online rounds: {opt.online_rounds}" if online else "")
              + (f" with `{' '.join(opt.online_flags)}` added"
                 if online and opt.online_flags else "")
-             + f"; AFSFT with `{' '.join(opt.afsft_flags) or 'no flags'}`, afsft.py's defaults otherwise; "
-             f"greedy evaluation on {opt.eval_episodes} held-out episodes; each seed its own dataset. "
+             + (f"; AFSFT with `{' '.join(opt.afsft_flags)}`, afsft.py's defaults otherwise; "
+                if opt.afsft_flags else "; AFSFT with afsft.py's default flags, SFT with `--filter none`; ")
+             + f"greedy evaluation on {opt.eval_episodes} held-out episodes; each seed its own dataset. "
              "Every task runs from the images alone.", "",
              "Each cell: greedy success rate, mean ± std over the seeds, and (in brackets) the share of "
              "turns whose text was a valid action. Success: the episode's return is > 0. [n]: only n seeds "

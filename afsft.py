@@ -55,7 +55,7 @@ class Args:
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
     # what makes the critic robust (the paper's plain form: --filter binary --popart-rate 0
-    # --baseline all --critic-init lm --mc-mix 0 --imitate-invalid)
+    # --baseline all --critic-init lm --mc-mix 0 --no-grammar --imitate-invalid)
     popart_rate: float = flag(3e-3, "EMA rate of the return statistics the critic learns in (PopArt); "
                               "0: the critic learns in reward units")
     baseline: str = flag("seen", "V(s) = sum pi Q over the tokens some batch has held (seen) or over the "
@@ -63,6 +63,9 @@ class Args:
     critic_trains_trunk: bool = flag(True, "the critic's loss also trains the shared VLM, so the features "
                                      "learn what the value needs; --no-critic-trains-trunk: the critic head "
                                      "reads detached features and the policy's step is exactly SFT's")
+    grammar: bool = flag(True, "the actor holds the policy on the tokens that follow each response prefix "
+                         "in some valid turn at SFT's strength, and the filter weighs only the choice "
+                         "among them (eq. 6); --no-grammar: f(A) weighs every token (eq. 5)")
     imitate_invalid: bool = flag(False, "the actor imitates turns the env rejected as invalid text too (the "
                                  "paper's form); by default it skips them, and the critic still learns "
                                  "their penalty")
@@ -247,6 +250,7 @@ class Agent(nn.Module):
         self.critic = CriticHead(self.vlm.get_output_embeddings(), args.critic_head, args.critic_rank,
                                  args.critic_init)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.valid_responses = set()  # the token sequences of the valid turns the batches have held
 
     def features(self, inputs, state_mask):
         """Hidden states at the response's states only: heads over the prompt and image tokens would fill the
@@ -447,6 +451,34 @@ def actor_loss(logp_taken, weights, turn_lengths):
     return torch.stack([t.sum() / len(t) for t in per_turn]).mean()
 
 
+def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid):
+    """(6) L_actor = -(1/l) sum_j [log pi(C_j|s_j) + f(A_j) log pi(y_j|s_j, C_j)], with C_j the tokens that
+    follow the prefix y_<j in some valid turn the batches have held, and pi(y|C) = pi(y) / pi(C). With
+    f = 1 it is SFT's -log pi(y_j). Where the data's grammar allows one token (the tag, the end token after
+    a whole action) pi(y|C) = 1 and the filter has no say; where it allows several (the action words) f
+    moves imitation between them but never weakens the hold on the set: in a state where the data's
+    majority is wrong, (5) holds the point at a fraction of SFT's weight and the policy drifts to text no
+    turn holds (experiments/findings.md)."""
+    turns = torch.split(tokens, turn_lengths.tolist())
+    agent.valid_responses |= {tuple(t.tolist()) for t, ok in zip(turns, valid.tolist()) if ok}
+    follows = {}  # prefix -> the tokens after it
+    for response in agent.valid_responses:
+        for j in range(len(response)):
+            follows.setdefault(response[:j], set()).add(response[j])
+    sets = [sorted(follows.get(tuple(t[:j].tolist()), {int(t[j])})) for t in turns for j in range(len(t))]
+    candidates = torch.zeros(len(sets), max(map(len, sets)), dtype=torch.long)
+    for i, c in enumerate(sets):
+        candidates[i, : len(c)] = torch.tensor(c)
+        candidates[i, len(c):] = c[0]  # padding repeats a member; it is masked below
+    in_set = torch.arange(candidates.shape[1])[None] < torch.tensor([len(c) for c in sets])[:, None]
+    logp_set = logp.gather(1, candidates.to(logp.device)).masked_fill(~in_set.to(logp.device), float("-inf"))
+    logp_set = logp_set.logsumexp(1)
+    logp_taken = logp.gather(1, tokens[:, None])[:, 0]
+    valid_token = torch.repeat_interleave(valid.float().to(logp.device), turn_lengths.to(logp.device))
+    per_token = valid_token * logp_set + weights * (logp_taken - logp_set)
+    return actor_loss(per_token, torch.ones_like(per_token), turn_lengths)
+
+
 @torch.no_grad()
 def bootstrap_values(agent, batch, seen, device):
     """Vbar at the first state of the turn after each run, in return units: one extra no-grad forward over
@@ -505,7 +537,8 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     h = agent.features(inputs.to(device), state_mask.to(device))
     tokens = tokens.to(device)
     logits = agent.vlm.get_output_embeddings()(h).float()
-    logp_taken = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    logp = torch.log_softmax(logits, -1)
+    logp_taken = logp.gather(1, tokens[:, None])[:, 0]
     if args.filter == "none":
         loss = actor_loss(logp_taken, torch.ones_like(logp_taken), turn_lengths)
         return loss, {"losses/total": loss.item(), "losses/actor": loss.item()}
@@ -541,7 +574,11 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
         # roughly (about -0.5 return std, which exp keeps at 0.6), so the actor takes the sign from the env.
         valid_token = torch.repeat_interleave(batch["valid"].float(), turn_lengths).to(device)
         weights = weights * valid_token
-    actor = actor_loss(logp_taken, weights, turn_lengths)
+    if args.grammar:
+        valid = batch["valid"] | torch.tensor(args.imitate_invalid)
+        actor = grammar_loss(agent, logp, tokens, turn_lengths, weights, valid)
+    else:
+        actor = actor_loss(logp_taken, weights, turn_lengths)
     critic = critic_loss(q_taken, agent.critic.normalise(targets), has_target)  # (4), normalised
     loss = actor + args.critic_coef * critic  # (5) + c (4)
     q_returns = agent.critic.to_returns(q_taken.detach())

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 from fractions import Fraction
 
@@ -345,6 +346,29 @@ def test_afsft_loss_trains_critic_and_trunk_and_sft_skips_the_critic(tiny):
     agent.zero_grad()
 
 
+def test_grammar_loss_holds_the_datas_continuations_and_filters_only_the_choice():
+    """(6) by hand: two valid turns "[ left <end>" and "[ right <end>" and a rejected "[ up <end>". After
+    "[" the data's valid turns hold {left, right}; elsewhere one token, where f has no say."""
+    agent = types.SimpleNamespace(valid_responses=set())
+    logp = torch.log_softmax(torch.randn(9, 10, generator=torch.Generator().manual_seed(0)), -1)
+    tokens = torch.tensor([1, 2, 9, 1, 3, 9, 1, 4, 9])
+    lengths, valid = torch.tensor([3, 3, 3]), torch.tensor([True, True, False])
+    weights = torch.tensor([0.5, 3.0, 2.0, 1.5, 0.2, 0.7, 0.0, 0.0, 0.0])  # f(A), 0 on the rejected turn
+    loss = afsft.grammar_loss(agent, logp, tokens, lengths, weights, valid)
+
+    def turn(rows, choice, w):
+        both = torch.logsumexp(torch.stack([logp[rows[1], 2], logp[rows[1], 3]]), 0)
+        return -(logp[rows[0], 1] + both + w * (logp[rows[1], choice] - both) + logp[rows[2], 9]) / 3
+
+    expected = (turn([0, 1, 2], 2, 3.0) + turn([3, 4, 5], 3, 0.2)) / 3  # the rejected turn counts 0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert agent.valid_responses == {(1, 2, 9), (1, 3, 9)}  # the rejected text is not grammar
+    # with f = 1 it is SFT's loss on the valid turns
+    sft = afsft.actor_loss(logp[torch.arange(9), tokens], torch.tensor([1.0] * 6 + [0.0] * 3), lengths)
+    ones = torch.tensor([1.0] * 6 + [0.0] * 3)
+    assert afsft.grammar_loss(agent, logp, tokens, lengths, ones, valid).item() == pytest.approx(sft.item())
+
+
 def test_the_actor_skips_turns_the_env_rejected_unless_told_to_imitate_them(tiny):
     """Turn 1 of 3 is invalid text: by default AFSFT's actor loss is SFT's on the two valid turns, scaled by
     2/3 (the loss averages over all turns); with --imitate-invalid (and with --filter none) it is SFT's on
@@ -365,6 +389,7 @@ def test_the_actor_skips_turns_the_env_rejected_unless_told_to_imitate_them(tiny
     imitate = afsft.replace(args, imitate_invalid=True)
     assert actor(batch, imitate) == pytest.approx(actor(batch, sft), rel=1e-5)
     assert actor(batch, sft) > actor(batch, args)
+    agent.valid_responses.clear()  # "[action] jump" joined the grammar under --imitate-invalid
     agent.critic.load_state_dict(saved)
     agent.target.load_state_dict(saved)
 

@@ -958,6 +958,23 @@ def test_numberline_rules():
     assert truncated and not terminated and env.turn == 10
 
 
+def test_numberline_numbers_cover_many_of_the_tiny_models_patches():
+    """Drawn at upstream's 36 px a digit changed 1 of the 49 patches a 112x112, 16-px-patch model sees, and
+    SFT on perfect data stayed at chance; each number must change several patches."""
+    from PIL import Image
+
+    env = envs.make_env("numberline", seed=0)
+
+    def view(target, position):
+        env.target, env.position = target, position
+        return np.asarray(Image.fromarray(env.image()).resize((112, 112), Image.BICUBIC)).astype(int)
+
+    changed = (np.abs(view(1, 0) - view(4, 0)).max(-1) > 64).reshape(7, 16, 7, 16).any((1, 3))
+    assert changed.sum() >= 6 and changed[:, :3].sum() == changed.sum()  # the target only, on its side
+    changed = (np.abs(view(1, 0) - view(1, 5)).max(-1) > 64).reshape(7, 16, 7, 16).any((1, 3))
+    assert changed.sum() >= 6 and changed[:, 4:].sum() == changed.sum()
+
+
 def test_numberline_reset_never_starts_on_the_target():
     env = envs.make_env("numberline")
     for seed in range(200):

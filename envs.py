@@ -377,8 +377,9 @@ class NumberLine(GymCardsEnv):
         return f"Target: {self.target}. Current: {self.position}."
 
     def draw(self, draw):
-        # Each number fills about 3x4 of the model's 7x7 patches: drawn at upstream's size (36 px) a digit
-        # is one patch in 49, and the tiny base's attention never finds it (README, "The tiny default model").
+        # Each number fills about 3x4 of the model's 7x7 patches: drawn at upstream's size (36 px) a digit is
+        # one or two patches in 49, and the tiny base's attention never finds it (README, "The tiny default
+        # model").
         for x, label, number in ((75, "Target", self.target), (225, "Current", self.position)):
             draw.text((x, 40), label, fill="black", font=font(30), anchor="mm")
             draw.text((x, 170), str(number), fill="black", font=font(150), anchor="mm")

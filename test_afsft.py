@@ -967,7 +967,8 @@ def test_numberline_numbers_cover_many_of_the_tiny_models_patches():
 
     def changed_patches(before, after):  # (target, position) pairs -> the 7x7 patches whose pixels change
         views = []
-        for env.target, env.position in (before, after):
+        for target, position in (before, after):
+            env.target, env.position = target, position
             small = Image.fromarray(env.image()).resize((112, 112), Image.BICUBIC)
             views.append(np.asarray(small, dtype=int))
         return (np.abs(views[0] - views[1]).max(-1) > 64).reshape(7, 16, 7, 16).any((1, 3))

@@ -51,6 +51,9 @@ class Args:
     beta: float = flag(1.0, "temperature of the exp filter, on A in units of the return's std (PopArt)")
     max_weight: float = flag(3.0, "w_max, the cap of the exp filter: no token gets more than w_max times "
                              "its SFT weight")
+    drop_margin: float = flag(0.25, "m: the exp filter drops a token (f = 0) whose A < -m return std, where "
+                              "the critic is sure the policy does better; inside m it stays soft, so noise "
+                              "on near-ties cannot drop the expert's token; inf: the plain exp filter")
     gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
@@ -136,6 +139,8 @@ def check_args(args: Args):
         return "--gamma, --mc-mix and --sft-warmup must be in [0, 1]"
     if not (0 < args.tau <= 1 and 0 <= args.popart_rate <= 1 and args.lr > 0):
         return "--tau must be in (0, 1], --popart-rate in [0, 1] and --lr > 0"
+    if args.drop_margin < 0 or args.max_weight <= 0:
+        return "--drop-margin must be >= 0 and --max-weight > 0"
     if min(args.batch_turns, args.run_length, args.num_envs, args.max_new_tokens) < 1:
         return "--batch-turns, --run-length, --num-envs and --max-new-tokens must be >= 1"
     if min(args.offline_steps, args.online_rounds, args.eval_episodes) < 0:
@@ -435,12 +440,15 @@ def critic_loss(q_taken, targets, mask):
     return ((q_taken - targets) ** 2 * mask).sum() / mask.sum().clamp(min=1)
 
 
-def filter_weights(advantage, kind, beta=1.0, max_weight=3.0):
-    """f(A): exp min(exp(beta A), w_max), binary 1[A > 0], or none (f = 1: SFT). exp is 1 at A = 0, so
-    a token the policy is sure of (where A is near 0, see `afsft_loss`) keeps its SFT weight whatever
-    the sign of the critic's noise; binary would drop it half the time."""
+def filter_weights(advantage, kind, beta=1.0, max_weight=3.0, drop_margin=float("inf")):
+    """f(A): exp min(exp(beta A), w_max) 1[A > -m], binary 1[A > 0], or none (f = 1: SFT). exp is 1 at
+    A = 0, so a token the policy is sure of (where A is near 0, see `afsft_loss`) keeps its SFT weight
+    whatever the sign of the critic's noise; binary would drop it half the time. But a soft weight
+    alone never overturns a data majority of p to 1 unless beta dQ > ln p (the policy's fixed point is
+    pi ∝ mu exp(beta Q)), so past the margin m, where the critic is sure, it drops the token as binary
+    does."""
     if kind == "exp":
-        return torch.exp(beta * advantage).clamp(max=max_weight)
+        return torch.exp(beta * advantage).clamp(max=max_weight) * (advantage > -drop_margin)
     return (advantage > 0).float() if kind == "binary" else torch.ones_like(advantage)
 
 
@@ -567,7 +575,7 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     # of the rest) is near 0, and the exp filter keeps SFT's weight.
     advantage = (q_taken - state_values(pi, q, seen)).detach()
     weights = torch.ones_like(advantage) if warmup else filter_weights(advantage, args.filter, args.beta,
-                                                                        args.max_weight)
+                                                                        args.max_weight, args.drop_margin)
     if not args.imitate_invalid:
         # Text the env rejected earns -p and leaves the state as it was: Q = -p + gamma V(s), so its exact A
         # = -p - (1 - gamma) V(s) is negative wherever V(s) > -p / (1 - gamma). The critic only learns it

@@ -115,6 +115,14 @@ def test_exp_filter_is_capped():
     assert w.tolist() == pytest.approx([1.0, math.e, 5.0])
 
 
+def test_exp_filter_drops_tokens_past_the_margin_only():
+    advantage = torch.tensor([-1.0, -0.3, -0.2, 0.0, 0.5, 5.0])
+    w = afsft.filter_weights(advantage, "exp", beta=1.0, max_weight=3.0, drop_margin=0.25)
+    assert w.tolist() == pytest.approx([0.0, 0.0, math.exp(-0.2), 1.0, math.exp(0.5), 3.0])
+    plain = afsft.filter_weights(advantage, "exp", beta=1.0, max_weight=3.0, drop_margin=float("inf"))
+    assert plain[:2].tolist() == pytest.approx([math.exp(-1.0), math.exp(-0.3)])
+
+
 def test_filter_none_is_exactly_sft_cross_entropy():
     torch.manual_seed(0)
     logits, tokens, lengths = torch.randn(5, 11), torch.tensor([3, 1, 4, 1, 5]), torch.tensor([2, 3])

@@ -95,7 +95,7 @@ def main():
         tokens, logits, q = heads_at(before, args, new, opt.position)
         q_taken = q.gather(1, tokens[:, None])[:, 0]
         advantage = q_taken - afsft.state_values(logits, q)  # (1), (2), as the round's first update sees them
-        weight = afsft.filter_weights(advantage, args.filter, args.beta, args.max_weight)
+        weight = afsft.filter_weights(advantage, args.filter, args.beta, args.max_weight, args.drop_margin)
         p_before = torch.softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
         _, logits_after, _ = heads_at(after, args, new, opt.position)
         p_after = torch.softmax(logits_after, -1).gather(1, tokens[:, None])[:, 0]

@@ -4,8 +4,8 @@ The method of "VLM Q-Learning: Aligning Vision-Language Models for Interactive
 Decision-Making" (Grigsby, Zhu, Ryoo, Niebles, 2025). A VLM with LoRA adapters
 gets a second output head, a critic Q(s, .) over the vocabulary, learned by
 TD; the policy imitates each response token with a weight f(A) of its
-advantage (by default min(exp(A), 3), and 0 on turns the env rejected; the
-paper's binary filter 1[A > 0] is a flag). With `--filter none` it is plain
+advantage (by default min(exp(A), 3), 0 where A < -0.25, and 0 on turns the env
+rejected; the paper's binary filter 1[A > 0] is a flag). With `--filter none` it is plain
 SFT. The equations cited as (1)-(5) are written out in the README's method
 section.
 
@@ -46,7 +46,7 @@ def flag(default, help, **kw):
 @dataclass
 class Args:
     # the method, as the paper has it
-    filter: str = flag("exp", "advantage filter f(A): exp min(exp(beta A), w_max), binary 1[A>0], "
+    filter: str = flag("exp", "advantage filter f(A): exp min(exp(beta A), w_max) 1[A>-m], binary 1[A>0], "
                        "none = SFT", choices=["exp", "binary", "none"])
     beta: float = flag(1.0, "temperature of the exp filter, on A in units of the return's std (PopArt)")
     max_weight: float = flag(3.0, "w_max, the cap of the exp filter: no token gets more than w_max times "

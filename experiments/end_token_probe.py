@@ -5,14 +5,16 @@
 Replays RUN's greedy evaluation (afsft.py's held-out seeds), takes the first state where it wrote invalid
 text, and 20 states where it wrote `[action] <action>` validly. For each run given, it prints the
 probability of the end token after the whole response `[action] <action>` in those states, and the top
-three next tokens in the stuck state. An invalid turn leaves the observation as it was, so one such state
-under greedy decoding costs a whole episode of invalid turns.
+three next tokens in the stuck state, and after `[action]` alone there (the first action word). An invalid
+turn leaves the observation as it was, so one such state under greedy decoding costs a whole episode of
+invalid turns.
 
     python experiments/end_token_probe.py RUN [OTHER_RUN ...] --dataset D --actions "turn left,go forward"
 
 instead asks how rare such states are: for each run, P(end | s, `[action] X`) for each action X given, over
 150 valid states of the dataset D (split by whether X is the data's own action there) and over 150 states
-of the run's own greedy evaluation (20 episodes).
+of the run's own greedy evaluation (20 episodes); `--data-action done` keeps only the data's states where
+it wrote `done`.
 """
 import argparse
 import os
@@ -49,6 +51,8 @@ def stuck_and_valid_states(agent, args, response, episodes, valid_states=20):
 
 
 def summary(p_end):
+    if not len(p_end):
+        return "no such state"
     return f"mean {p_end.mean():.3f}, min {p_end.min():.3f}, below 0.5 {(p_end < 0.5).float().mean():.3f}"
 
 
@@ -56,8 +60,11 @@ def rarity(opt):
     """P(end) after each action over the data's states and the runs' own (see the docstring)."""
     rng = random.Random(0)
     episodes = envs.load_dataset(opt.dataset)["episodes"]
-    data = rng.sample([(envs.turn_image(ep, t), ep["prompts"][t], ep["actions"][t]) for ep in episodes
-                       for t in range(len(ep["actions"])) if ep["valid"][t]], 150)
+    data = [(envs.turn_image(ep, t), ep["prompts"][t], ep["actions"][t]) for ep in episodes
+            for t in range(len(ep["actions"])) if ep["valid"][t]]
+    if opt.data_action:  # only the states where the data wrote this action
+        data = [turn for turn in data if turn[2] == envs.format_response(opt.data_action)]
+    data = rng.sample(data, min(150, len(data)))
     for run in opt.runs:
         agent, args, _ = load_run(run)
         done, _ = afsft.run_episodes(agent, args, 20, 0.0, "cpu")
@@ -81,6 +88,7 @@ def main():
     p.add_argument("--episodes", type=int, default=50, help="evaluation episodes replayed (default: 50)")
     p.add_argument("--dataset", help="instead: how rare such states are, over this dataset's states")
     p.add_argument("--actions", default="turn left,turn right,go forward", help="with --dataset")
+    p.add_argument("--data-action", help="with --dataset: only the states where the data wrote this action")
     opt = p.parse_args()
     if opt.dataset:
         return rarity(opt)
@@ -95,11 +103,15 @@ def main():
         agent = load_run(run)[0]
         with torch.no_grad():
             p_end, after = end_probabilities(agent, stuck + normal, response)
-        top = after[0].topk(3)
+            # and the choice of the first action word there, after the tag alone
+            _, first_word = end_probabilities(agent, stuck, response[: response.index(opt.action)].strip())
+
+        def top(probabilities):
+            values, ids = probabilities.topk(3)
+            return ", ".join(f"{tokenizer.decode([int(i)])!r} {float(v):.2f}" for v, i in zip(values, ids))
         print(f"{run}: P(end | {response!r}) in the stuck state {p_end[0]:.3f}, "
               f"in {len(normal)} valid states mean {p_end[1:].mean():.3f} (min {p_end[1:].min():.3f}); "
-              "the stuck state's top tokens: "
-              + ", ".join(f"{tokenizer.decode([int(i)])!r} {float(v):.2f}" for v, i in zip(*top)))
+              f"the stuck state's top tokens: {top(after[0])}; its first action word: {top(first_word[0])}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ class Args:
     grammar: bool = flag(True, "the actor holds the policy on the tokens that follow each response prefix "
                          "in some valid turn at SFT's strength, and the filter weighs only the choice "
                          "among them (eq. 6); --no-grammar: f(A) weighs every token (eq. 5)")
+    hold_alternatives: int = flag(0, "K: in up to K turns per batch where the filter drops a token of the "
+                                  "data's response, also hold the grammar (6) on another valid response "
+                                  "(the tag, the end token), so the policy learns to end the turn after the "
+                                  "action it will write there instead")
     imitate_invalid: bool = flag(False, "the actor imitates turns the env rejected as invalid text too (the "
                                  "paper's form); by default it skips them, and the critic still learns "
                                  "their penalty")
@@ -256,6 +260,7 @@ class Agent(nn.Module):
                                  args.critic_init)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
         self.valid_responses = set()  # the token sequences of the valid turns the batches have held
+        self.valid_texts = set()  # and their text
 
     def features(self, inputs, state_mask):
         """Hidden states at the response's states only: heads over the prompt and image tokens would fill the
@@ -487,6 +492,30 @@ def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid):
     return actor_loss(per_token, torch.ones_like(per_token), turn_lengths)
 
 
+def alternatives_loss(agent, batch, weights, turn_lengths, args: Args, device):
+    """Where the filter drops a token of the data's response, the policy will write another action in that
+    state, and the data never taught it to end that one there. The grammar term (6) with f = 0 on another
+    valid response in up to K such states: it holds the tag and the end token, and the set of words at each
+    choice, so it teaches the syntax without pushing the choice. Returns (loss, turns) or None."""
+    dropped = [i for i, (w, ok) in enumerate(zip(torch.split(weights, turn_lengths.tolist()), batch["valid"]))
+               if ok and bool((w == 0).any())][: args.hold_alternatives]
+    texts = sorted(agent.valid_texts)
+    others = [[t for t in texts if t != batch["actions"][i]] for i in dropped]
+    dropped = [i for i, o in zip(dropped, others) if o]
+    if not dropped:
+        return None
+    responses = [o[int(torch.randint(len(o), ()))] for o in others if o]
+    inputs, state_mask, tokens, lengths = encode(agent.processor, [batch["images"][i] for i in dropped],
+                                                 [batch["prompts"][i] for i in dropped], responses,
+                                                 args.max_new_tokens)
+    logits = agent.vlm.get_output_embeddings()(agent.features(inputs.to(device), state_mask.to(device)))
+    logp = torch.log_softmax(logits.float(), -1)
+    tokens = tokens.to(device)
+    held = grammar_loss(agent, logp, tokens, lengths, torch.zeros(len(tokens), device=device),
+                        torch.ones(len(dropped), dtype=torch.bool))
+    return held, len(dropped)
+
+
 @torch.no_grad()
 def bootstrap_values(agent, batch, seen, device):
     """Vbar at the first state of the turn after each run, in return units: one extra no-grad forward over
@@ -585,6 +614,11 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     if args.grammar:
         valid = batch["valid"] | torch.tensor(args.imitate_invalid)
         actor = grammar_loss(agent, logp, tokens, turn_lengths, weights, valid)
+        if args.hold_alternatives and not warmup:
+            agent.valid_texts |= {a for a, ok in zip(batch["actions"], batch["valid"].tolist()) if ok}
+            held = alternatives_loss(agent, batch, weights, turn_lengths, args, device)
+            if held is not None:
+                actor = (len(turn_lengths) * actor + held[1] * held[0]) / (len(turn_lengths) + held[1])
     else:
         actor = actor_loss(logp_taken, weights, turn_lengths)
     critic = critic_loss(q_taken, agent.critic.normalise(targets), has_target)  # (4), normalised

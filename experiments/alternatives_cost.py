@@ -1,11 +1,13 @@
-"""alternatives_cost.py: what `--hold-alternatives K` adds to a gradient step, in the worst case.
+"""alternatives_cost.py: what `--hold-alternatives K` adds to a gradient step.
 
     python experiments/alternatives_cost.py DATASET [--k 2,4] [--updates 6]
 
-Times `afsft.gradient_step` on one batch of 32 turns of DATASET (the process's CPU time, medians after one
-warm-up update), for SFT, AFSFT and AFSFT with `--hold-alternatives K`, all with `--drop-margin 0` so that
-the filter drops tokens in many turns from the first step (the worst case: K alternatives every step), and
-prints each over SFT's time. The bar for AFSFT is 1.15x (experiments/benchmark.py).
+Times `afsft.gradient_step` on one batch of DATASET (the process's CPU time, medians after one warm-up
+update), for SFT, AFSFT and AFSFT with `--hold-alternatives K`, and prints each over SFT's time. SFT and
+AFSFT take 32 data turns; with K, as `afsft.train_step` samples them after the warm-up, 32 - K data turns
+plus up to K alternatives in a second forward pass. All AFSFT runs use `--drop-margin 0`, so that the filter
+drops tokens in many turns from the first step: the worst case, K alternatives every step. The bar for
+AFSFT is 1.15x (experiments/benchmark.py).
 """
 import argparse
 import os
@@ -26,7 +28,7 @@ def main():
     p.add_argument("--k", default="2,4", help="comma-separated values of --hold-alternatives")
     p.add_argument("--updates", type=int, default=6, help="timed updates per method, after one warm-up")
     opt = p.parse_args()
-    batch = afsft.Buffer(envs.load_dataset(opt.dataset)["episodes"]).sample(np.random.default_rng(0), 32, 8)
+    buffer = afsft.Buffer(envs.load_dataset(opt.dataset)["episodes"])
     methods = {"SFT": dict(filter="none"), "AFSFT": dict(drop_margin=0.0)}
     methods.update({f"AFSFT, --hold-alternatives {k}": dict(drop_margin=0.0, hold_alternatives=int(k))
                     for k in opt.k.split(",")})
@@ -34,6 +36,7 @@ def main():
     for name, changes in methods.items():
         torch.manual_seed(0)
         args = afsft.Args(device="cpu", **changes)
+        batch = buffer.sample(np.random.default_rng(0), args.batch_turns - args.hold_alternatives, 8)
         agent = afsft.load_agent(args, afsft.TINY_BASE)
         optimizer = torch.optim.AdamW([w for w in agent.parameters() if w.requires_grad], lr=args.lr)
         times = []

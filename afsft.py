@@ -69,11 +69,6 @@ class Args:
     grammar: bool = flag(True, "the actor holds the policy on the tokens that follow each response prefix "
                          "in some valid turn at SFT's strength, and the filter weighs only the choice "
                          "among them (eq. 6); --no-grammar: f(A) weighs every token (eq. 5)")
-    hold_alternatives: int = flag(0, "K: in up to K turns per batch where the filter drops a token of the "
-                                  "data's response, also hold the grammar (6) on another valid response "
-                                  "(the tag, the end token), so the policy learns to end the turn after the "
-                                  "action it will write there instead; the batch then samples K fewer data "
-                                  "turns, so a step costs what it did")
     imitate_invalid: bool = flag(False, "the actor imitates turns the env rejected as invalid text too (the "
                                  "paper's form); by default it skips them, and the critic still learns "
                                  "their penalty")
@@ -150,8 +145,6 @@ def check_args(args: Args):
         return "--batch-turns, --run-length, --num-envs and --max-new-tokens must be >= 1"
     if min(args.offline_steps, args.online_rounds, args.eval_episodes) < 0:
         return "--offline-steps, --online-rounds and --eval-episodes must be >= 0"
-    if not 0 <= args.hold_alternatives < args.batch_turns:
-        return "--hold-alternatives must be >= 0 and below --batch-turns"
     if args.offline_steps > 0 and not (args.offline or args.resume):
         return "--offline needs a dataset when --offline-steps > 0 (--offline-steps 0 trains online only)"
     return None
@@ -263,7 +256,6 @@ class Agent(nn.Module):
                                  args.critic_init)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
         self.valid_responses = set()  # the token sequences of the valid turns the batches have held
-        self.valid_texts = set()  # and their text
 
     def features(self, inputs, state_mask):
         """Hidden states at the response's states only: heads over the prompt and image tokens would fill the
@@ -495,37 +487,6 @@ def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid):
     return actor_loss(per_token, torch.ones_like(per_token), turn_lengths)
 
 
-def alternatives_per_step(args: Args, warmup: bool):
-    """--hold-alternatives K, where the filter acts and (6) is on. The batch then samples K fewer data turns,
-    so that the two forward passes together hold --batch-turns rows, and a step costs what it did."""
-    return args.hold_alternatives if args.filter != "none" and args.grammar and not warmup else 0
-
-
-def alternatives_loss(agent, batch, weights, turn_lengths, k, max_tokens, device):
-    """Where the filter drops a token of the data's response, the policy will write another action in that
-    state, and the data never taught it to end that one there. The grammar term (6) with f = 0 on another
-    valid response (one of the valid texts the batches have held, drawn at random) in up to k such states:
-    it holds the tag and the end token, and the set of words at each choice, so it teaches the syntax without
-    pushing the choice. Returns (loss, turns) or None."""
-    if k == 0:
-        return None
-    agent.valid_texts |= {a for a, ok in zip(batch["actions"], batch["valid"].tolist()) if ok}
-    dropped = [i for i, (w, ok) in enumerate(zip(torch.split(weights, turn_lengths.tolist()), batch["valid"]))
-               if ok and bool((w == 0).any())]
-    texts = sorted(agent.valid_texts)
-    others = {i: [t for t in texts if t != batch["actions"][i]] for i in dropped}
-    dropped = [i for i in dropped if others[i]][:k]
-    if not dropped:
-        return None
-    responses = [others[i][int(torch.randint(len(others[i]), ()))] for i in dropped]
-    images, prompts = [batch["images"][i] for i in dropped], [batch["prompts"][i] for i in dropped]
-    inputs, state_mask, tokens, lengths = encode(agent.processor, images, prompts, responses, max_tokens)
-    logits = agent.vlm.get_output_embeddings()(agent.features(inputs.to(device), state_mask.to(device)))
-    logp = torch.log_softmax(logits.float(), -1)
-    f_zero, all_valid = torch.zeros(len(tokens), device=device), torch.ones(len(dropped), dtype=torch.bool)
-    return grammar_loss(agent, logp, tokens.to(device), lengths, f_zero, all_valid), len(dropped)
-
-
 @torch.no_grad()
 def bootstrap_values(agent, batch, seen, device):
     """Vbar at the first state of the turn after each run, in return units: one extra no-grad forward over
@@ -624,10 +585,6 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     if args.grammar:
         valid = batch["valid"] | torch.tensor(args.imitate_invalid)
         actor = grammar_loss(agent, logp, tokens, turn_lengths, weights, valid)
-        k = alternatives_per_step(args, warmup)
-        held = alternatives_loss(agent, batch, weights, turn_lengths, k, args.max_new_tokens, device)
-        if held is not None:
-            actor = (len(turn_lengths) * actor + held[1] * held[0]) / (len(turn_lengths) + held[1])
     else:
         actor = actor_loss(logp_taken, weights, turn_lengths)
     critic = critic_loss(q_taken, agent.critic.normalise(targets), has_target)  # (4), normalised
@@ -939,9 +896,8 @@ def train_step(run: Run, args: Args, phase: str):
     """One gradient step, then what is due at it: a metrics line, an evaluation, a checkpoint."""
     if run.interrupted:  # Ctrl-C, raised here: inside a library's finalizer it would be lost
         raise KeyboardInterrupt
+    batch = run.buffer.sample(run.rng, args.batch_turns, args.run_length)
     warmup = run.step < int(args.sft_warmup * args.offline_steps)  # f = 1 while the critic first learns
-    data_turns = args.batch_turns - alternatives_per_step(args, warmup)
-    batch = run.buffer.sample(run.rng, data_turns, args.run_length)
     stats = gradient_step(run.agent, run.optimizer, batch, args, warmup, run.device, run.world)
     run.step += 1
     evaluating = args.eval_every and run.step % args.eval_every == 0

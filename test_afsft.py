@@ -377,40 +377,6 @@ def test_grammar_loss_holds_the_datas_continuations_and_filters_only_the_choice(
     assert afsft.grammar_loss(agent, logp, tokens, lengths, ones, valid).item() == pytest.approx(sft.item())
 
 
-def test_hold_alternatives_teaches_the_syntax_of_another_action_where_the_filter_drops(tiny):
-    """--hold-alternatives: in a valid turn where f drops a token, the grammar term (6) with f = 0 on another
-    valid response in the same state. With that response the only grammar known, every prefix has one
-    continuation, so the loss is SFT's on the other response, computed here by hand. Nothing is held where
-    no token is dropped, in turns the env rejected, or when no other response is known; and the batch samples
-    K fewer data turns where the alternatives are on, so that a step costs what it did."""
-    agent, args = tiny
-    saved = agent.valid_responses, agent.valid_texts
-    agent.valid_responses, agent.valid_texts = set(), {"[action] turn left", "[action] go forward"}
-    batch = afsft.Buffer([make_episode(2, True)]).sample(np.random.default_rng(0), 2, 2)
-    batch["actions"] = ["[action] turn left", "[action] turn left"]
-    batch["valid"] = torch.tensor([True, False])
-    lengths = afsft.encode(agent.processor, batch["images"], batch["prompts"], batch["actions"])[3]
-    kept = torch.ones(int(lengths.sum()))
-    assert afsft.alternatives_loss(agent, batch, kept, lengths, 4, 24, "cpu") is None
-    dropped = kept.clone()
-    dropped[1] = 0.0  # a word of turn 0 past the margin
-    dropped[lengths[0] + 1] = 0.0  # and of turn 1, which the env rejected
-    loss, turns = afsft.alternatives_loss(agent, batch, dropped, lengths, 4, 24, "cpu")
-    inputs, state_mask, tokens, _ = afsft.encode(agent.processor, batch["images"][:1], batch["prompts"][:1],
-                                                 ["[action] go forward"])
-    logits = agent.vlm.get_output_embeddings()(agent.features(inputs, state_mask)).float()
-    logp = torch.log_softmax(logits, -1)
-    sft = -logp.gather(1, tokens[:, None]).mean()
-    assert turns == 1 and loss.item() == pytest.approx(sft.item(), rel=1e-5)
-    assert afsft.alternatives_loss(agent, batch, dropped, lengths, 0, 24, "cpu") is None
-    agent.valid_texts = {"[action] turn left"}
-    assert afsft.alternatives_loss(agent, batch, dropped, lengths, 4, 24, "cpu") is None
-    args = afsft.replace(args, hold_alternatives=4)
-    assert [afsft.alternatives_per_step(args, warmup) for warmup in (True, False)] == [0, 4]
-    assert afsft.alternatives_per_step(afsft.replace(args, filter="none"), False) == 0
-    agent.valid_responses, agent.valid_texts = saved
-
-
 def test_the_actor_skips_turns_the_env_rejected_unless_told_to_imitate_them(tiny):
     """Turn 1 of 3 is invalid text: by default AFSFT's actor loss is SFT's on the two valid turns, scaled by
     2/3 (the loss averages over all turns); with --imitate-invalid (and with --filter none) it is SFT's on

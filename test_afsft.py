@@ -194,6 +194,29 @@ def test_popart_rescaling_keeps_every_q_in_return_units():
     assert critic.normalise(torch.tensor(8.0)).item() == pytest.approx((8.0 - 2.0) / 3.0)
 
 
+def test_critic_ensemble_heads_are_separate_low_rank_critics_and_q_is_their_mean():
+    torch.manual_seed(0)
+    critic = afsft.CriticHead(nn.Linear(6, 5, bias=False), "lowrank", 3, heads=2)
+    nn.init.normal_(critic.up.weight)
+    nn.init.normal_(critic.bias)
+    h = torch.randn(4, 6)
+    down, up = critic.down.weight.view(2, 3, 6), critic.up.weight.view(2, 5, 3)
+    by_hand = torch.stack([h @ down[k].T @ up[k].T + critic.bias for k in range(2)])
+    assert torch.allclose(critic.every_head(h), by_hand, atol=1e-5)
+    assert torch.allclose(critic(h), by_hand.mean(0), atol=1e-5)
+    before = critic.to_returns(critic.every_head(h))  # PopArt keeps every head's Q in return units
+    critic.set_statistics(torch.tensor(2.0), torch.tensor(13.0))
+    assert torch.allclose(critic.to_returns(critic.every_head(h)), before, atol=1e-5)
+
+
+def test_ensemble_filter_drops_a_token_only_where_every_head_is_past_the_margin():
+    heads = torch.tensor([[-0.5, -0.5, 0.1], [-0.3, 0.1, -0.9]])
+    advantage = heads.mean(0)  # -0.4, -0.2, -0.4
+    w = afsft.filter_weights(advantage, "exp", beta=1.0, max_weight=3.0, drop_margin=0.25,
+                             head_advantages=heads)
+    assert w.tolist() == pytest.approx([0.0, math.exp(-0.2), math.exp(-0.4)])
+
+
 def test_return_statistics_average_the_first_batches_then_move_at_the_rate(tiny):
     agent, _ = tiny
     saved = {k: v.clone() for k, v in agent.critic.state_dict().items()}
@@ -398,6 +421,35 @@ def test_the_actor_skips_turns_the_env_rejected_unless_told_to_imitate_them(tiny
     assert actor(batch, imitate) == pytest.approx(actor(batch, sft), rel=1e-5)
     assert actor(batch, sft) > actor(batch, args)
     agent.valid_responses.clear()  # "[action] jump" joined the grammar under --imitate-invalid
+    agent.critic.load_state_dict(saved)
+    agent.target.load_state_dict(saved)
+
+
+def test_the_actor_skips_a_turn_that_changed_nothing_where_its_exact_advantage_is_negative(tiny):
+    """Turn 1 of 4 sees the same image and prompt after it as before it (a step into a wall) and earns 0,
+    so A = 0 - (1 - gamma) V(s). With every Q (and so V) at +1 the actor skips it; at -1, where waiting
+    postpones a loss, it imitates it. In the warm-up, f = 1; without
+    the grammar term, whose hold on the valid set a skipped valid turn keeps."""
+    agent, args = tiny
+    args = afsft.replace(args, grammar=False)
+    saved = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    episode = make_episode(4, True)
+    episode["prompts"][2], episode["rewards"][1] = episode["prompts"][1], 0.0
+    buffer = afsft.Buffer([episode])
+    batch = buffer.collate([(0, 0, True), (0, 1, True), (0, 2, False)], [(2, 0, 3)])
+    assert batch["unchanged"].tolist() == [False, True, False]
+    skip = afsft.replace(args, skip_unchanged=True)
+
+    def actor(batch, args, mean):
+        for head in (agent.critic, agent.target):  # every Q, and so V, is `mean` in return units
+            head.load_state_dict(saved)  # return statistics mean 0, std 1 (a loss call moves them)
+            head.bias.data.fill_(mean)
+        return afsft.afsft_loss(agent, batch, args, warmup=True, device="cpu")[1]["losses/actor"]
+
+    others = actor(buffer.collate([(0, 0, False), (0, 2, False)], []), args, 1.0)
+    assert actor(batch, skip, 1.0) == pytest.approx(others * 2 / 3, rel=1e-5)
+    assert actor(batch, skip, -1.0) == pytest.approx(actor(batch, args, -1.0), rel=1e-5)
+    assert actor(batch, args, 1.0) > actor(batch, skip, 1.0)
     agent.critic.load_state_dict(saved)
     agent.target.load_state_dict(saved)
 

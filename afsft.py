@@ -88,8 +88,6 @@ class Args:
                             "head under --critic-init lm (lowrank); or a full trained W h + b",
                             choices=["lowrank", "full"])
     critic_rank: int = flag(32, "rank of the low-rank critic")
-    critic_heads: int = flag(1, "K low-rank critics on the same features (an ensemble): A is their mean, "
-                             "and the filter drops a token only where every head puts its A below -m")
     critic_init: str = flag("zero", "start Q at zero, the mean return (zero), or at the language head's "
                             "logits (lm)", choices=["zero", "lm"])
     # optimisation
@@ -200,16 +198,15 @@ class CriticHead(nn.Module):
     with W_lm a frozen copy of the language head under --critic-init lm, so the trainable part is
     d*r + r*|V| + |V| instead of d*|V|."""
 
-    def __init__(self, lm_head: nn.Linear, kind: str, rank: int, init: str = "zero", heads: int = 1):
+    def __init__(self, lm_head: nn.Linear, kind: str, rank: int, init: str = "zero"):
         super().__init__()
         d, vocab = lm_head.in_features, lm_head.out_features
-        self.heads = heads if kind == "lowrank" else 1
         self.base = None  # zero-initialised and frozen it would be |V| x d zeros
         if kind == "full" or init == "lm":
             self.base = nn.Linear(d, vocab, bias=False).requires_grad_(kind == "full")
             self.base.weight.data.copy_(lm_head.weight.data.float() if init == "lm" else 0.0)
-        self.down = nn.Linear(d, self.heads * rank, bias=False) if kind == "lowrank" else None
-        self.up = nn.Linear(rank, self.heads * vocab, bias=False) if kind == "lowrank" else None
+        self.down = nn.Linear(d, rank, bias=False) if kind == "lowrank" else None
+        self.up = nn.Linear(rank, vocab, bias=False) if kind == "lowrank" else None
         if self.up is not None:
             nn.init.zeros_(self.up.weight)  # starts exactly at zero, or at the language head's logits
         self.bias = nn.Parameter(torch.zeros(vocab))
@@ -220,16 +217,8 @@ class CriticHead(nn.Module):
         self.register_buffer("seen", torch.zeros(vocab, dtype=torch.bool))
 
     def forward(self, h):
-        """The ensemble's mean Q, (N, |V|)."""
-        return self.every_head(h).mean(0)
-
-    def every_head(self, h):
-        """Q of each head, (K, N, |V|): head k is B_k(A_k h) + b (+ W_lm h)."""
         q = self.bias + (self.base(h) if self.base is not None else 0.0)
-        if self.down is None:
-            return q[None]
-        low = self.down(h).view(len(h), self.heads, -1)
-        return q + torch.einsum("nkr,kvr->knv", low, self.up.weight.view(self.heads, -1, low.shape[-1]))
+        return q + self.up(self.down(h)) if self.down is not None else q
 
     def return_std(self):
         return (self.return_square - self.return_mean ** 2).clamp(min=1e-4).sqrt()
@@ -266,7 +255,7 @@ class Agent(nn.Module):
         self.policy, self.processor = policy, processor  # policy: the VLM, peft-wrapped under LoRA
         self.vlm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         self.critic = CriticHead(self.vlm.get_output_embeddings(), args.critic_head, args.critic_rank,
-                                 args.critic_init, args.critic_heads)
+                                 args.critic_init)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
         self.valid_responses = set()  # the token sequences of the valid turns the batches have held
 
@@ -453,22 +442,19 @@ def td_targets(v_bar, is_last, reward, gamma, not_done, v_bar_next_turn, mc_retu
 
 
 def critic_loss(q_taken, targets, mask):
-    """(4) L_critic = mean_j (Q(s_j, y_j) - target_j)^2 over tokens whose target is known (and over the
-    ensemble's heads, when `q_taken` has one row per head)."""
-    heads = q_taken.numel() // len(mask)
-    return ((q_taken - targets) ** 2 * mask).sum() / (mask.sum().clamp(min=1) * heads)
+    """(4) L_critic = mean_j (Q(s_j, y_j) - target_j)^2 over tokens whose target is known."""
+    return ((q_taken - targets) ** 2 * mask).sum() / mask.sum().clamp(min=1)
 
 
-def filter_weights(advantage, kind, beta=1.0, max_weight=3.0, drop_margin=float("inf"), head_advantages=None):
+def filter_weights(advantage, kind, beta=1.0, max_weight=3.0, drop_margin=float("inf")):
     """f(A): exp min(exp(beta A), w_max) 1[A > -m], binary 1[A > 0], or none (f = 1: SFT). exp is 1 at
     A = 0, so a token the policy is sure of (where A is near 0, see `afsft_loss`) keeps its SFT weight
     whatever the sign of the critic's noise; binary would drop it half the time. But a soft weight
     alone never overturns a data majority of p to 1 unless beta dQ > ln p (the policy's fixed point is
     pi ∝ mu exp(beta Q)), so past the margin m, where the critic is sure, it drops the token as binary
-    does. With an ensemble's `head_advantages` (K, N), "sure" means every head puts A below -m."""
+    does."""
     if kind == "exp":
-        optimist = advantage if head_advantages is None else head_advantages.max(0).values
-        return torch.exp(beta * advantage).clamp(max=max_weight) * (optimist > -drop_margin)
+        return torch.exp(beta * advantage).clamp(max=max_weight) * (advantage > -drop_margin)
     return (advantage > 0).float() if kind == "binary" else torch.ones_like(advantage)
 
 
@@ -589,16 +575,13 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
                              batch["returns"].to(device), mc_weight)
         if args.popart_rate > 0:
             agent.update_return_statistics(targets, has_target, args.popart_rate)
-    q_heads = agent.critic.every_head(h_critic)
-    q_taken_heads = q_heads.gather(2, tokens[None, :, None].expand(len(q_heads), -1, 1))[..., 0]
-    q_taken = q_taken_heads.mean(0)
+    q = agent.critic(h_critic)
+    q_taken = q.gather(1, tokens[:, None])[:, 0]
     # (1), (2) in units of the return's std. Where the policy is sure of y, A = (1 - pi(y)) (Q(y) - mean Q
     # of the rest) is near 0, and the exp filter keeps SFT's weight.
-    head_advantages = (q_taken_heads - state_values(pi, q_heads, seen)).detach()
-    advantage = head_advantages.mean(0)
+    advantage = (q_taken - state_values(pi, q, seen)).detach()
     weights = torch.ones_like(advantage) if warmup else filter_weights(advantage, args.filter, args.beta,
-                                                                        args.max_weight, args.drop_margin,
-                                                                        head_advantages)
+                                                                        args.max_weight, args.drop_margin)
     if not args.imitate_invalid:
         # Text the env rejected earns -p and leaves the state as it was: Q = -p + gamma V(s), so its exact A
         # = -p - (1 - gamma) V(s) is negative wherever V(s) > -p / (1 - gamma). The critic only learns it
@@ -618,15 +601,13 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
         actor = grammar_loss(agent, logp, tokens, turn_lengths, weights, valid)
     else:
         actor = actor_loss(logp_taken, weights, turn_lengths)
-    critic = critic_loss(q_taken_heads, agent.critic.normalise(targets), has_target)  # (4), normalised
+    critic = critic_loss(q_taken, agent.critic.normalise(targets), has_target)  # (4), normalised
     loss = actor + args.critic_coef * critic  # (5) + c (4)
     q_returns = agent.critic.to_returns(q_taken.detach())
     td_error = ((q_returns - targets).abs() * has_target).sum() / has_target.sum().clamp(min=1)
-    spread = {"critic/head_spread": head_advantages.std(0).mean().item()} if agent.critic.heads > 1 else {}
     return loss, {"losses/total": loss.item(), "losses/actor": actor.item(), "losses/critic": critic.item(),
                   "critic/td_error": td_error.item(), "critic/return_std": agent.critic.return_std().item(),
-                  **critic_health(advantage, tokens, turn_lengths, q_returns, batch, weights, device),
-                  **spread}
+                  **critic_health(advantage, tokens, turn_lengths, q_returns, batch, weights, device)}
 
 
 # --- Rollout: one batched generate per turn over --num-envs environments. -----------------------------------
@@ -803,8 +784,8 @@ def load_resume_state(args: Args):
     saved = state["args"]
     if saved["env"] != args.env or saved["model"] != args.model:
         fail(f"--resume {args.resume}: that run used --env {saved['env']} --model {saved['model']}")
-    for key in ("finetune", "critic_head", "critic_rank", "critic_init", "critic_heads"):
-        setattr(args, key, saved.get(key, 1))  # the saved weights' shapes, even where given again
+    for key in ("finetune", "critic_head", "critic_rank", "critic_init"):
+        setattr(args, key, saved[key])  # the saved weights' shapes, even where given again
     args.out = args.resume
     if state["step"] >= total_steps(args) and os.path.exists(os.path.join(args.out, "eval.json")):
         print(f"--resume {args.out}: the run is finished ({state['step']} steps, evaluated in eval.json); "

@@ -194,29 +194,6 @@ def test_popart_rescaling_keeps_every_q_in_return_units():
     assert critic.normalise(torch.tensor(8.0)).item() == pytest.approx((8.0 - 2.0) / 3.0)
 
 
-def test_critic_ensemble_heads_are_separate_low_rank_critics_and_q_is_their_mean():
-    torch.manual_seed(0)
-    critic = afsft.CriticHead(nn.Linear(6, 5, bias=False), "lowrank", 3, heads=2)
-    nn.init.normal_(critic.up.weight)
-    nn.init.normal_(critic.bias)
-    h = torch.randn(4, 6)
-    down, up = critic.down.weight.view(2, 3, 6), critic.up.weight.view(2, 5, 3)
-    by_hand = torch.stack([h @ down[k].T @ up[k].T + critic.bias for k in range(2)])
-    assert torch.allclose(critic.every_head(h), by_hand, atol=1e-5)
-    assert torch.allclose(critic(h), by_hand.mean(0), atol=1e-5)
-    before = critic.to_returns(critic.every_head(h))  # PopArt keeps every head's Q in return units
-    critic.set_statistics(torch.tensor(2.0), torch.tensor(13.0))
-    assert torch.allclose(critic.to_returns(critic.every_head(h)), before, atol=1e-5)
-
-
-def test_ensemble_filter_drops_a_token_only_where_every_head_is_past_the_margin():
-    heads = torch.tensor([[-0.5, -0.5, 0.1], [-0.3, 0.1, -0.9]])
-    advantage = heads.mean(0)  # -0.4, -0.2, -0.4
-    w = afsft.filter_weights(advantage, "exp", beta=1.0, max_weight=3.0, drop_margin=0.25,
-                             head_advantages=heads)
-    assert w.tolist() == pytest.approx([0.0, math.exp(-0.2), math.exp(-0.4)])
-
-
 def test_return_statistics_average_the_first_batches_then_move_at_the_rate(tiny):
     agent, _ = tiny
     saved = {k: v.clone() for k, v in agent.critic.state_dict().items()}

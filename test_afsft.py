@@ -408,18 +408,19 @@ def test_the_actor_skips_a_turn_that_changed_nothing_where_its_exact_advantage_i
     postpones a loss, it imitates it. In the warm-up, f = 1; without
     the grammar term, whose hold on the valid set a skipped valid turn keeps."""
     agent, args = tiny
-    args = afsft.replace(args, grammar=False)
+    skip, args = afsft.replace(args, grammar=False), afsft.replace(args, grammar=False, skip_unchanged=False)
     saved = {k: v.clone() for k, v in agent.critic.state_dict().items()}
     episode = make_episode(4, True)
     episode["prompts"][2], episode["rewards"][1] = episode["prompts"][1], 0.0
     buffer = afsft.Buffer([episode])
     batch = buffer.collate([(0, 0, True), (0, 1, True), (0, 2, False)], [(2, 0, 3)])
     assert batch["unchanged"].tolist() == [False, True, False]
-    skip = afsft.replace(args, skip_unchanged=True)
 
     def actor(batch, args, mean):
         for head in (agent.critic, agent.target):  # every Q, and so V, is `mean` in return units
-            head.load_state_dict(saved)  # return statistics mean 0, std 1 (a loss call moves them)
+            head.load_state_dict(saved)
+            head.return_mean.fill_(0.0)  # statistics mean 0, std 1 (every loss call moves them)
+            head.return_square.fill_(1.0)
             head.bias.data.fill_(mean)
         return afsft.afsft_loss(agent, batch, args, warmup=True, device="cpu")[1]["losses/actor"]
 
@@ -457,6 +458,21 @@ def test_babyai_invalid_text_is_penalised_and_leaves_the_state_unchanged():
     assert (tuple(env.inner.agent_pos), env.inner.agent_dir, env.inner.step_count) == before
     _, _, _, _, info = env.step("[action] turn left")
     assert info["valid"] and env.inner.agent_dir == (before[1] - 1) % 4
+
+
+def test_babyai_a_step_into_a_wall_shows_the_same_observation_and_the_buffer_marks_it():
+    """What --skip-unchanged rests on: a valid move that changes nothing leaves image and prompt as they
+    were, so the next turn's observation tells the buffer."""
+    env = envs.make_env("babyai")
+    observations = [env.reset(seed=0)[0]]
+    for _ in range(3):  # one step forward, then the wall
+        observations.append(env.step("[action] go forward")[0])
+    episode = make_episode(3, False)
+    episode["images"] = torch.stack([torch.tensor(o["image"]) for o in observations[:3]])
+    episode["prompts"] = [o["prompt"] for o in observations[:3]]
+    batch = afsft.Buffer([episode]).collate([(0, 0, True), (0, 1, True), (0, 2, False)], [])
+    assert batch["unchanged"].tolist() == [False, True, False]  # the last turn has no successor
+    assert np.array_equal(observations[2]["image"], observations[3]["image"])
 
 
 def test_babyai_episode_is_truncated_after_max_turns_of_garbage():

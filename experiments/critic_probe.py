@@ -24,6 +24,7 @@ accuracy on held-out states; 0.5 is chance): if they do not, no linear head on t
 """
 import argparse
 import collections
+import dataclasses
 import os
 import sys
 
@@ -43,7 +44,8 @@ def load_run(run, checkpoint=None):
     if not os.path.exists(os.path.join(checkpoint, "state.pt")):
         sys.exit(f"{run}: not a run written by afsft.py (no {checkpoint}/state.pt)")
     state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
-    args = afsft.Args(**state["args"])
+    known = {f.name for f in dataclasses.fields(afsft.Args)}  # runs of other versions may hold other flags
+    args = afsft.Args(**{k: v for k, v in state["args"].items() if k in known})
     model = afsft.TINY_BASE if args.model == "tiny" else args.model
     agent = afsft.load_agent(args, model, os.path.join(checkpoint, "policy"))
     agent.critic.load_state_dict(state["critic"], strict=False)  # older runs lack the PopArt buffers

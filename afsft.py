@@ -72,8 +72,6 @@ class Args:
     imitate_invalid: bool = flag(False, "the actor imitates turns the env rejected as invalid text too (the "
                                  "paper's form); by default it skips them, and the critic still learns "
                                  "their penalty")
-    hold_invalid_prefixes: bool = flag(False, "(6) also holds C_j along a rejected turn, up to the token "
-                                       "where it left every valid turn's prefixes")
     skip_unchanged: bool = flag(True, "the actor skips turns that left the observation as it was (a step "
                                 "into a wall), where their exact advantage r - (1 - gamma) V(s) is negative")
     sft_warmup: float = flag(0.2, "fraction of the offline steps trained with the filter off")
@@ -467,7 +465,7 @@ def actor_loss(logp_taken, weights, turn_lengths):
     return torch.stack([t.sum() / len(t) for t in per_turn]).mean()
 
 
-def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid, hold_invalid_prefixes=False):
+def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid):
     """(6) L_actor = -(1/l) sum_j [log pi(C_j|s_j) + f(A_j) log pi(y_j|s_j, C_j)], with C_j the tokens that
     follow the prefix y_<j in some valid turn the batches have held, and pi(y|C) = pi(y) / pi(C). With
     f = 1 it is SFT's -log pi(y_j). Where the data's grammar allows one token (the tag, the end token after
@@ -481,8 +479,7 @@ def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid, hold_invalid
     for response in agent.valid_responses:
         for j in range(len(response)):
             follows.setdefault(response[:j], set()).add(response[j])
-    prefixes = [tuple(t[:j].tolist()) for t in turns for j in range(len(t))]
-    sets = [sorted(follows.get(prefix, {int(token)})) for prefix, token in zip(prefixes, tokens.tolist())]
+    sets = [sorted(follows.get(tuple(t[:j].tolist()), {int(t[j])})) for t in turns for j in range(len(t))]
     candidates = torch.zeros(len(sets), max(map(len, sets)), dtype=torch.long)
     for i, c in enumerate(sets):
         candidates[i, : len(c)] = torch.tensor(c)
@@ -491,10 +488,8 @@ def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid, hold_invalid
     logp_set = logp.gather(1, candidates.to(logp.device)).masked_fill(~in_set.to(logp.device), float("-inf"))
     logp_set = logp_set.logsumexp(1)
     logp_taken = logp.gather(1, tokens[:, None])[:, 0]
-    held = torch.repeat_interleave(valid, turn_lengths.cpu())
-    if hold_invalid_prefixes:  # a rejected turn, up to where it left the grammar: hold C_j there too
-        held |= torch.tensor([prefix in follows for prefix in prefixes])
-    per_token = held.float().to(logp.device) * logp_set + weights * (logp_taken - logp_set)
+    valid_token = torch.repeat_interleave(valid.float().to(logp.device), turn_lengths.to(logp.device))
+    per_token = valid_token * logp_set + weights * (logp_taken - logp_set)
     return actor_loss(per_token, torch.ones_like(per_token), turn_lengths)
 
 
@@ -603,7 +598,7 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
         weights = weights * torch.repeat_interleave((~wasted).float(), turn_lengths.to(device))
     if args.grammar:
         valid = batch["valid"] | torch.tensor(args.imitate_invalid)
-        actor = grammar_loss(agent, logp, tokens, turn_lengths, weights, valid, args.hold_invalid_prefixes)
+        actor = grammar_loss(agent, logp, tokens, turn_lengths, weights, valid)
     else:
         actor = actor_loss(logp_taken, weights, turn_lengths)
     critic = critic_loss(q_taken, agent.critic.normalise(targets), has_target)  # (4), normalised

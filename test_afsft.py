@@ -377,20 +377,6 @@ def test_grammar_loss_holds_the_datas_continuations_and_filters_only_the_choice(
     assert afsft.grammar_loss(agent, logp, tokens, lengths, ones, valid).item() == pytest.approx(sft.item())
 
 
-def test_grammar_loss_can_hold_a_rejected_turn_up_to_where_it_left_the_grammar():
-    """--hold-invalid-prefixes, by hand: the rejected "[ up <end>" holds {[} first and {left, right} where it
-    wrote "up", and nothing after that, since no valid turn starts "[ up"."""
-    agent = types.SimpleNamespace(valid_responses=set())
-    logp = torch.log_softmax(torch.randn(9, 10, generator=torch.Generator().manual_seed(0)), -1)
-    tokens = torch.tensor([1, 2, 9, 1, 3, 9, 1, 4, 9])
-    lengths, valid = torch.tensor([3, 3, 3]), torch.tensor([True, True, False])
-    weights = torch.tensor([1.0] * 6 + [0.0] * 3)
-    plain = afsft.grammar_loss(agent, logp, tokens, lengths, weights, valid)
-    held = afsft.grammar_loss(agent, logp, tokens, lengths, weights, valid, hold_invalid_prefixes=True)
-    left_or_right = torch.logsumexp(torch.stack([logp[7, 2], logp[7, 3]]), 0)
-    assert held.item() == pytest.approx(plain.item() - (logp[6, 1] + left_or_right).item() / 3 / 3, rel=1e-5)
-
-
 def test_the_actor_skips_turns_the_env_rejected_unless_told_to_imitate_them(tiny):
     """Turn 1 of 3 is invalid text: by default AFSFT's actor loss is SFT's on the two valid turns, scaled by
     2/3 (the loss averages over all turns); with --imitate-invalid (and with --filter none) it is SFT's on

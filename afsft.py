@@ -373,6 +373,13 @@ def encode(processor, images, prompts, responses=None, max_response_tokens=24):
     return inputs, state_mask, tokens, torch.tensor([len(r) for r in ids])
 
 
+def changed_nothing(episode, t):
+    """Whether turn t left the observation as it was: the episode's next turn shows the same image and prompt
+    (a step into a wall, and every invalid turn)."""
+    return (t + 1 < len(episode["actions"]) and episode["prompts"][t] == episode["prompts"][t + 1]
+            and torch.equal(episode["images"][t], episode["images"][t + 1]))
+
+
 # --- Buffer: whole episodes in memory, sampled as runs of consecutive turns. --------------------------------
 class Buffer:
     def __init__(self, episodes=(), gamma=0.9):
@@ -406,10 +413,7 @@ class Buffer:
             for e, t, _ in turns])
         batch["has_return"] = torch.tensor([eps[e]["terminated"] for e, _, _ in turns])
         batch["valid"] = torch.tensor([bool(eps[e]["valid"][t]) for e, t, _ in turns])
-        # turns after which the next turn saw the same image and prompt: the action changed nothing
-        batch["unchanged"] = torch.tensor([
-            t + 1 < len(eps[e]["actions"]) and eps[e]["prompts"][t] == eps[e]["prompts"][t + 1]
-            and torch.equal(eps[e]["images"][t], eps[e]["images"][t + 1]) for e, t, _ in turns])
+        batch["unchanged"] = torch.tensor([changed_nothing(eps[e], t) for e, t, _ in turns])
         # where turn i's successor value lives: the next turn in the batch, a bootstrap prompt, or nowhere
         batch["next_in_batch"] = torch.tensor([nxt for _, _, nxt in turns])
         batch["boot_of"] = torch.tensor([i for i, _, _ in successors], dtype=torch.long)

@@ -3,7 +3,7 @@
     python experiments/unchanged_turns.py data.pt [more.pt ...]
 
 A turn changed nothing when the next turn of its episode shows the same image and prompt (the buffer's
-`unchanged`, as `Buffer.collate` computes it). Invalid text always does; a valid move does where it runs
+`unchanged`, from `afsft.changed_nothing`). Invalid text always does; a valid move does where it runs
 into a wall or past the end of the number line. For each file it prints the turns that have a next turn,
 how many changed nothing, how many of those were valid, and the valid ones' most frequent texts. Where a
 dataset holds none that were valid, `--skip-unchanged` leaves its offline runs exactly as they were.
@@ -13,9 +13,8 @@ import collections
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import afsft  # noqa: E402
 import envs  # noqa: E402
 
 
@@ -28,8 +27,7 @@ def main():
         for ep in episodes:
             for t in range(len(ep["actions"]) - 1):
                 turns += 1
-                same_image = torch.equal(ep["images"][t], ep["images"][t + 1])
-                if same_image and ep["prompts"][t] == ep["prompts"][t + 1]:
+                if afsft.changed_nothing(ep, t):
                     unchanged += 1
                     if ep["valid"][t]:
                         valid_texts[ep["actions"][t]] += 1

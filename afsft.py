@@ -54,8 +54,6 @@ class Args:
     drop_margin: float = flag(0.25, "m: the exp filter drops a token (f = 0) whose A < -m return std, where "
                               "the critic is sure the policy does better; inside m it stays soft, so noise "
                               "on near-ties cannot drop the expert's token; inf: the plain exp filter")
-    margin_error: bool = flag(True, "each token's drop margin adds the critic's error at that token, |Q(s_j, "
-                              "y_j) - target_j|: a drop needs the critic to be sure where it is judged")
     gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
@@ -453,12 +451,12 @@ def critic_loss(q_taken, targets, mask):
 
 
 def filter_weights(advantage, kind, beta=1.0, max_weight=3.0, drop_margin=float("inf")):
-    """f(A): exp min(exp(beta A), w_max) 1[A > -m], binary 1[A > 0], or none (f = 1: SFT); m is one number or
-    one per token. exp is 1 at A = 0, so a token the policy is sure of (where A is near 0, see `afsft_loss`)
-    keeps its SFT weight whatever the sign of the critic's noise; binary would drop it half the time. But a
-    soft weight alone never overturns a data majority of p to 1 unless beta dQ > ln p (the policy's fixed
-    point is pi ∝ mu exp(beta Q)), so past the margin m, where the critic is sure, it drops the token as
-    binary does."""
+    """f(A): exp min(exp(beta A), w_max) 1[A > -m], binary 1[A > 0], or none (f = 1: SFT). exp is 1 at
+    A = 0, so a token the policy is sure of (where A is near 0, see `afsft_loss`) keeps its SFT weight
+    whatever the sign of the critic's noise; binary would drop it half the time. But a soft weight
+    alone never overturns a data majority of p to 1 unless beta dQ > ln p (the policy's fixed point is
+    pi ∝ mu exp(beta Q)), so past the margin m, where the critic is sure, it drops the token as binary
+    does."""
     if kind == "exp":
         return torch.exp(beta * advantage).clamp(max=max_weight) * (advantage > -drop_margin)
     return (advantage > 0).float() if kind == "binary" else torch.ones_like(advantage)
@@ -586,14 +584,8 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     # (1), (2) in units of the return's std. Where the policy is sure of y, A = (1 - pi(y)) (Q(y) - mean Q
     # of the rest) is near 0, and the exp filter keeps SFT's weight.
     advantage = (q_taken - state_values(pi, q, seen)).detach()
-    margin = torch.tensor(args.drop_margin, device=device)
-    if args.margin_error:
-        # A = Q(y) - V(s) is no surer than Q(y), and (4) measures Q(y)'s error at this very token. Where the
-        # critic cannot read the state its error there is as large as the gap it claims, and a drop would
-        # teach its guess (an action prior) in place of the data's action.
-        margin = margin + (q_taken.detach() - agent.critic.normalise(targets)).abs() * has_target
     weights = torch.ones_like(advantage) if warmup else filter_weights(advantage, args.filter, args.beta,
-                                                                        args.max_weight, margin)
+                                                                        args.max_weight, args.drop_margin)
     if not args.imitate_invalid:
         # Text the env rejected earns -p and leaves the state as it was: Q = -p + gamma V(s), so its exact A
         # = -p - (1 - gamma) V(s) is negative wherever V(s) > -p / (1 - gamma). The critic only learns it

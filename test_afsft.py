@@ -123,15 +123,6 @@ def test_exp_filter_drops_tokens_past_the_margin_only():
     assert plain[:2].tolist() == pytest.approx([math.exp(-1.0), math.exp(-0.3)])
 
 
-def test_exp_filter_takes_one_margin_per_token():
-    # the same A = -0.5 is dropped where the critic's error at the token is 0.1 (margin 0.35), kept where it
-    # is 0.4 (margin 0.65)
-    advantage = torch.tensor([-0.5, -0.5, -1.0])
-    margin = 0.25 + torch.tensor([0.1, 0.4, 0.4])
-    w = afsft.filter_weights(advantage, "exp", beta=1.0, max_weight=3.0, drop_margin=margin)
-    assert w.tolist() == pytest.approx([0.0, math.exp(-0.5), 0.0])
-
-
 def test_filter_none_is_exactly_sft_cross_entropy():
     torch.manual_seed(0)
     logits, tokens, lengths = torch.randn(5, 11), torch.tensor([3, 1, 4, 1, 5]), torch.tensor([2, 3])

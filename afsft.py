@@ -57,15 +57,17 @@ class Args:
     gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
-    # what makes the critic robust (the paper's plain form: --filter binary --popart-rate 0
-    # --baseline all --critic-init lm --mc-mix 0 --no-grammar --imitate-invalid --no-skip-unchanged)
+    # what makes the critic robust (the paper's plain form: --filter binary --popart-rate 0 --baseline all
+    # --critic-init lm --mc-mix 0 --no-grammar --imitate-invalid --no-skip-unchanged --critic-trunk all)
     popart_rate: float = flag(3e-3, "EMA rate of the return statistics the critic learns in (PopArt); "
                               "0: the critic learns in reward units")
     baseline: str = flag("seen", "V(s) = sum pi Q over the tokens some batch has held (seen) or over the "
                          "whole vocabulary (all)", choices=["seen", "all"])
-    critic_trains_trunk: bool = flag(True, "the critic's loss also trains the shared VLM, so the features "
-                                     "learn what the value needs; --no-critic-trains-trunk: the critic head "
-                                     "reads detached features and the policy's step is exactly SFT's")
+    critic_trunk: str = flag("valid", "which turns' critic loss also trains the shared VLM, so that the "
+                             "features learn what the value needs: valid (those whose text the env "
+                             "accepted), all (the paper's), or none (the critic head reads detached "
+                             "features and the policy's step is exactly SFT's)",
+                             choices=["valid", "all", "none"])
     grammar: bool = flag(True, "the actor holds the policy on the tokens that follow each response prefix "
                          "in some valid turn at SFT's strength, and the filter weighs only the choice "
                          "among them (eq. 6); --no-grammar: f(A) weighs every token (eq. 5)")
@@ -563,9 +565,14 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
 
     # --- the lines that make SFT into AFSFT -------------------------------------------------
     # The critic's loss trains the trunk too, in normalised units, so its gradient is on the actor's scale.
-    # Detached (--no-critic-trains-trunk), its error cannot move the policy at all, but on data whose
-    # actions need no reading of the state (random) the features then hold no value to read.
-    h_critic = h.float() if args.critic_trains_trunk else h.detach().float()
+    # Not from text the env rejected: it shares its prefixes with the syntax (`[action] turn`, then the end
+    # token), and fitting its penalty moved the features there; the head still learns it, on features it
+    # does not move. Detached (--critic-trunk none), the critic's error cannot move the policy at all, but
+    # on data whose actions need no reading of the state (random) the features then hold no value to read.
+    moves_trunk = {"all": torch.ones_like(batch["valid"]), "valid": batch["valid"],
+                   "none": torch.zeros_like(batch["valid"])}[args.critic_trunk]
+    moves_trunk = torch.repeat_interleave(moves_trunk, turn_lengths).to(device)[:, None]
+    h_critic = torch.where(moves_trunk, h, h.detach()).float()
     agent.critic.seen[tokens] = True  # the tokens some batch has held, on any rank: the baseline of (2)
     agent.critic.seen |= sum_over_ranks(agent.critic.seen.float()) > 0
     seen = agent.critic.seen if args.baseline == "seen" else None

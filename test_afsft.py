@@ -208,11 +208,36 @@ def test_return_statistics_average_the_first_batches_then_move_at_the_rate(tiny)
     agent.target.load_state_dict(saved)
 
 
+def test_the_critic_moves_the_trunk_from_valid_turns_only(tiny):
+    """--critic-trunk valid: the critic's loss on turns the env rejected trains its head, not the VLM; all
+    (the paper's) trains both. Every turn here is invalid, so the actor adds nothing to the VLM's gradient."""
+    agent, args = tiny
+    episode = make_episode(6, True)
+    episode["valid"][:] = False
+    batch = afsft.Buffer([episode]).sample(np.random.default_rng(1), batch_turns=6, run_length=3)
+    lora = [p for p in agent.policy.parameters() if p.requires_grad]
+    heads = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    random_heads = {**heads, "up.weight": torch.randn_like(heads["up.weight"])}  # at zero Q ignores h
+    trunk_gradient = {}
+    for trunk in ("valid", "all"):
+        agent.critic.load_state_dict(random_heads)
+        agent.target.load_state_dict(random_heads)
+        agent.zero_grad(set_to_none=True)
+        loss, _ = afsft.afsft_loss(agent, batch, afsft.replace(args, critic_trunk=trunk), False, "cpu")
+        loss.backward()
+        trunk_gradient[trunk] = sum(float(p.grad.norm()) for p in lora if p.grad is not None)
+        assert agent.critic.up.weight.grad.abs().sum() > 0  # the head learns the penalty either way
+    agent.zero_grad(set_to_none=True)
+    agent.critic.load_state_dict(heads)
+    agent.target.load_state_dict(heads)
+    assert trunk_gradient["valid"] == 0 and trunk_gradient["all"] > 0
+
+
 def test_the_policy_step_does_not_depend_on_the_critics_error(tiny):
-    """With --no-critic-trains-trunk the critic reads detached features and has its own gradient clip, so
+    """With --critic-trunk none the critic reads detached features and has its own gradient clip, so
     scaling its loss by 10^4 leaves the policy's update exactly as it was."""
     agent, args = tiny
-    args = afsft.replace(args, critic_trains_trunk=False)
+    args = afsft.replace(args, critic_trunk="none")
     buffer = afsft.Buffer([make_episode(6, True), make_episode(5, False)])
     batch = buffer.sample(np.random.default_rng(1), batch_turns=6, run_length=3)
     lora = [p for p in agent.policy.parameters() if p.requires_grad]

@@ -471,6 +471,17 @@ def actor_loss(logp_taken, weights, turn_lengths):
     return torch.stack([t.sum() / len(t) for t in per_turn]).mean()
 
 
+def grammar_sets(valid_responses, tokens, turn_lengths):
+    """C_j for every response token: the tokens that follow its prefix y_<j in some valid response (the
+    token itself where none does)."""
+    follows = {}  # prefix -> the tokens after it
+    for response in valid_responses:
+        for j in range(len(response)):
+            follows.setdefault(response[:j], set()).add(response[j])
+    turns = torch.split(tokens, turn_lengths.tolist())
+    return [sorted(follows.get(tuple(t[:j].tolist()), {int(t[j])})) for t in turns for j in range(len(t))]
+
+
 def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid):
     """(6) L_actor = -(1/l) sum_j [log pi(C_j|s_j) + f(A_j) log pi(y_j|s_j, C_j)], with C_j the tokens that
     follow the prefix y_<j in some valid turn the batches have held, and pi(y|C) = pi(y) / pi(C). With
@@ -481,11 +492,7 @@ def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid):
     turn holds (experiments/findings.md)."""
     turns = torch.split(tokens, turn_lengths.tolist())
     agent.valid_responses |= {tuple(t.tolist()) for t, ok in zip(turns, valid.tolist()) if ok}
-    follows = {}  # prefix -> the tokens after it
-    for response in agent.valid_responses:
-        for j in range(len(response)):
-            follows.setdefault(response[:j], set()).add(response[j])
-    sets = [sorted(follows.get(tuple(t[:j].tolist()), {int(t[j])})) for t in turns for j in range(len(t))]
+    sets = grammar_sets(agent.valid_responses, tokens, turn_lengths)
     candidates = torch.zeros(len(sets), max(map(len, sets)), dtype=torch.long)
     for i, c in enumerate(sets):
         candidates[i, : len(c)] = torch.tensor(c)

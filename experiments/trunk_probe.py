@@ -31,17 +31,6 @@ import afsft  # noqa: E402
 import envs  # noqa: E402
 
 
-def grammar_sets(agent, tokens, turn_lengths):
-    """C_j per response token: the tokens that follow its prefix in some valid turn the batches have held
-    (the data's grammar, as in (6)); one token where the grammar is fixed (the tag, the end token)."""
-    follows = {}
-    for response in agent.valid_responses:
-        for j in range(len(response)):
-            follows.setdefault(response[:j], set()).add(response[j])
-    turns = torch.split(tokens, turn_lengths.tolist())
-    return [sorted(follows.get(tuple(t[:j].tolist()), {int(t[j])})) for t in turns for j in range(len(t))]
-
-
 def loss_parts(agent, args, batch):
     """The run's loss on one batch in its four parts, and the mean log pi(C_j) over valid turns' tokens."""
     seen = {}
@@ -56,7 +45,8 @@ def loss_parts(agent, args, batch):
     def critic_loss_by_part(q_taken, targets, mask):
         tokens, turn_lengths = seen["encoded"][2:]
         valid = torch.repeat_interleave(batch["valid"], turn_lengths).float()
-        fixed = valid * torch.tensor([float(len(c) == 1) for c in grammar_sets(agent, tokens, turn_lengths)])
+        sets = afsft.grammar_sets(agent.valid_responses, tokens, turn_lengths)
+        fixed = valid * torch.tensor([float(len(c) == 1) for c in sets])
         squares = (q_taken - targets) ** 2 * mask / mask.sum().clamp(min=1)  # (4) is their sum
         seen["critic"] = [(squares * part).sum() for part in (fixed, valid - fixed, 1 - valid)]
         return critic_loss(q_taken, targets, mask)
@@ -71,8 +61,8 @@ def loss_parts(agent, args, batch):
     h = agent.features(inputs, state_mask)
     logp = torch.log_softmax(agent.vlm.get_output_embeddings()(h).float(), -1)
     valid = torch.repeat_interleave(batch["valid"], turn_lengths)
-    hold = [torch.logsumexp(logp[n, c], 0) for n, c in enumerate(grammar_sets(agent, tokens, turn_lengths))
-            if valid[n]]
+    sets = afsft.grammar_sets(agent.valid_responses, tokens, turn_lengths)
+    hold = [torch.logsumexp(logp[n, c], 0) for n, c in enumerate(sets) if valid[n]]
     parts = {"actor": loss - critic_fixed - critic_choice - critic_invalid,
              "critic, valid, fixed": critic_fixed, "critic, valid, choice": critic_choice,
              "critic, invalid turns": critic_invalid}

@@ -324,8 +324,8 @@ def main():
                    help="fewer iterations: about 4 minutes on an idle 2-core machine")
     p.add_argument("--profile", action="store_true", help="also split AFSFT's update into parts (section 4)")
     p.add_argument("--env", default="babyai", help="env of the dataset and the rollouts (default: babyai)")
-    p.add_argument("--text-view", action=argparse.BooleanOptionalAction, default=True,
-                   help="prompts describe the view in words, as in the results (default: on)")
+    p.add_argument("--text-view", action=argparse.BooleanOptionalAction, default=False,
+                   help="prompts also describe the view in words (default: off, images only, as afsft.py)")
     p.add_argument("--finetune", default="lora", choices=["full", "lora"],
                    help="lora: afsft.py's default (adapters on the language model); full: every weight")
     p.add_argument("--vocab", type=int, default=0,

@@ -415,7 +415,6 @@ class Buffer:
             for e, t, _ in turns])
         batch["has_return"] = torch.tensor([eps[e]["terminated"] for e, _, _ in turns])
         batch["valid"] = torch.tensor([bool(eps[e]["valid"][t]) for e, t, _ in turns])
-        batch["own"] = torch.tensor(["seed" in eps[e] for e, _, _ in turns])  # the agent's rollouts carry one
         batch["unchanged"] = torch.tensor([changed_nothing(eps[e], t) for e, t, _ in turns])
         # where turn i's successor value lives: the next turn in the batch, a bootstrap prompt, or nowhere
         batch["next_in_batch"] = torch.tensor([nxt for _, _, nxt in turns])
@@ -486,7 +485,7 @@ def grammar_sets(valid_responses, tokens, turn_lengths):
     return sets, torch.tensor([prefix in follows for prefix in prefixes])
 
 
-def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid, held):
+def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid):
     """(6) L_actor = -(1/l) sum_j [log pi(C_j|s_j) + f(A_j) log pi(y_j|s_j, C_j)], with C_j the tokens that
     follow the prefix y_<j in some valid turn the batches have held, and pi(y|C) = pi(y) / pi(C). With
     f = 1 it is SFT's -log pi(y_j). Where the data's grammar allows one token (the tag, the end token after
@@ -494,14 +493,13 @@ def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid, held):
     moves imitation between them but never weakens the hold on the set: in a state where the data's
     majority is wrong, (5) holds the point at a fraction of SFT's weight and the policy drifts to text no
     turn holds (experiments/findings.md).
-    `held` turns get the first term: the valid ones, and the policy's own rejected turns up to the token
-    where they leave the grammar, where log pi(C_j) pulls it back onto the valid continuations (the end
-    token after `[action] +`, where it wrote `+ +`): they are the only data from the states where the
-    policy itself leaves the grammar. A dataset's rejected turns are another policy's mistakes."""
+    The hold also covers a rejected turn up to the token where it leaves the grammar: there log pi(C_j)
+    pulls the policy back onto the valid continuations (the end token after `[action] +`, where the policy
+    wrote `+ +`). Online, the policy's own invalid turns are the only data from the states where it writes
+    them."""
     turns = torch.split(tokens, turn_lengths.tolist())
     agent.valid_responses |= {tuple(t.tolist()) for t, ok in zip(turns, valid.tolist()) if ok}
     sets, on_grammar = grammar_sets(agent.valid_responses, tokens, turn_lengths)
-    on_grammar &= torch.repeat_interleave(held, turn_lengths)
     candidates = torch.zeros(len(sets), max(map(len, sets)), dtype=torch.long)
     for i, c in enumerate(sets):
         candidates[i, : len(c)] = torch.tensor(c)
@@ -624,7 +622,7 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
         weights = weights * torch.repeat_interleave((~wasted).float(), turn_lengths.to(device))
     if args.grammar:
         valid = batch["valid"] | torch.tensor(args.imitate_invalid)
-        actor = grammar_loss(agent, logp, tokens, turn_lengths, weights, valid, valid | batch["own"])
+        actor = grammar_loss(agent, logp, tokens, turn_lengths, weights, valid)
     else:
         actor = actor_loss(logp_taken, weights, turn_lengths)
     critic = critic_loss(q_taken, agent.critic.normalise(targets), has_target)  # (4), normalised

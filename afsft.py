@@ -473,16 +473,13 @@ def actor_loss(logp_taken, weights, turn_lengths):
 
 def grammar_sets(valid_responses, tokens, turn_lengths):
     """C_j for every response token: the tokens that follow its prefix y_<j in some valid response (the
-    token itself where none does), and whether some valid response starts with y_<j (the prefix is on the
-    grammar)."""
+    token itself where none does)."""
     follows = {}  # prefix -> the tokens after it
     for response in valid_responses:
         for j in range(len(response)):
             follows.setdefault(response[:j], set()).add(response[j])
     turns = torch.split(tokens, turn_lengths.tolist())
-    prefixes = [tuple(t[:j].tolist()) for t in turns for j in range(len(t))]
-    sets = [sorted(follows.get(prefix, {int(y)})) for prefix, y in zip(prefixes, tokens.tolist())]
-    return sets, torch.tensor([prefix in follows for prefix in prefixes])
+    return [sorted(follows.get(tuple(t[:j].tolist()), {int(t[j])})) for t in turns for j in range(len(t))]
 
 
 def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid):
@@ -492,14 +489,10 @@ def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid):
     a whole action) pi(y|C) = 1 and the filter has no say; where it allows several (the action words) f
     moves imitation between them but never weakens the hold on the set: in a state where the data's
     majority is wrong, (5) holds the point at a fraction of SFT's weight and the policy drifts to text no
-    turn holds (experiments/findings.md).
-    The hold also covers a rejected turn up to the token where it leaves the grammar: there log pi(C_j)
-    pulls the policy back onto the valid continuations (the end token after `[action] +`, where the policy
-    wrote `+ +`). Online, the policy's own invalid turns are the only data from the states where it writes
-    them."""
+    turn holds (experiments/findings.md)."""
     turns = torch.split(tokens, turn_lengths.tolist())
     agent.valid_responses |= {tuple(t.tolist()) for t, ok in zip(turns, valid.tolist()) if ok}
-    sets, on_grammar = grammar_sets(agent.valid_responses, tokens, turn_lengths)
+    sets = grammar_sets(agent.valid_responses, tokens, turn_lengths)
     candidates = torch.zeros(len(sets), max(map(len, sets)), dtype=torch.long)
     for i, c in enumerate(sets):
         candidates[i, : len(c)] = torch.tensor(c)
@@ -508,7 +501,8 @@ def grammar_loss(agent, logp, tokens, turn_lengths, weights, valid):
     logp_set = logp.gather(1, candidates.to(logp.device)).masked_fill(~in_set.to(logp.device), float("-inf"))
     logp_set = logp_set.logsumexp(1)
     logp_taken = logp.gather(1, tokens[:, None])[:, 0]
-    per_token = on_grammar.float().to(logp.device) * logp_set + weights * (logp_taken - logp_set)
+    valid_token = torch.repeat_interleave(valid.float().to(logp.device), turn_lengths.to(logp.device))
+    per_token = valid_token * logp_set + weights * (logp_taken - logp_set)
     return actor_loss(per_token, torch.ones_like(per_token), turn_lengths)
 
 

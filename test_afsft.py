@@ -381,8 +381,7 @@ def test_afsft_loss_trains_critic_and_trunk_and_sft_skips_the_critic(tiny):
 
 def test_grammar_loss_holds_the_datas_continuations_and_filters_only_the_choice():
     """(6) by hand: two valid turns "[ left <end>" and "[ right <end>" and a rejected "[ up <end>". After
-    "[" the data's valid turns hold {left, right}; elsewhere one token, where f has no say. The rejected
-    turn is held on the grammar up to "up", where it leaves it, and not after."""
+    "[" the data's valid turns hold {left, right}; elsewhere one token, where f has no say."""
     agent = types.SimpleNamespace(valid_responses=set())
     logp = torch.log_softmax(torch.randn(9, 10, generator=torch.Generator().manual_seed(0)), -1)
     tokens = torch.tensor([1, 2, 9, 1, 3, 9, 1, 4, 9])
@@ -394,21 +393,18 @@ def test_grammar_loss_holds_the_datas_continuations_and_filters_only_the_choice(
         both = torch.logsumexp(torch.stack([logp[rows[1], 2], logp[rows[1], 3]]), 0)
         return -(logp[rows[0], 1] + both + w * (logp[rows[1], choice] - both) + logp[rows[2], 9]) / 3
 
-    back_on_grammar = -(logp[6, 1] + torch.logsumexp(logp[7, [2, 3]], 0)) / 3  # "[", then {left, right}
-    expected = (turn([0, 1, 2], 2, 3.0) + turn([3, 4, 5], 3, 0.2) + back_on_grammar) / 3
+    expected = (turn([0, 1, 2], 2, 3.0) + turn([3, 4, 5], 3, 0.2)) / 3  # the rejected turn counts 0
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert agent.valid_responses == {(1, 2, 9), (1, 3, 9)}  # the rejected text is not grammar
-    # with f = 1 it is SFT's loss on the valid turns, plus the rejected turn's way back onto the grammar
+    # with f = 1 it is SFT's loss on the valid turns
     sft = afsft.actor_loss(logp[torch.arange(9), tokens], torch.tensor([1.0] * 6 + [0.0] * 3), lengths)
     ones = torch.tensor([1.0] * 6 + [0.0] * 3)
-    with_f_one = afsft.grammar_loss(agent, logp, tokens, lengths, ones, valid)
-    assert with_f_one.item() == pytest.approx((sft + back_on_grammar / 3).item(), rel=1e-5)
+    assert afsft.grammar_loss(agent, logp, tokens, lengths, ones, valid).item() == pytest.approx(sft.item())
 
 
 def test_the_actor_skips_turns_the_env_rejected_unless_told_to_imitate_them(tiny):
     """Turn 1 of 3 is invalid text: by default AFSFT's actor loss is SFT's on the two valid turns, scaled by
-    2/3 (the loss averages over all turns), plus the invalid turn's hold on the grammar up to ` jump` (the
-    hand-computed case is the test above); with --imitate-invalid (and with --filter none) it is SFT's on
+    2/3 (the loss averages over all turns); with --imitate-invalid (and with --filter none) it is SFT's on
     all three. Checked in the warm-up, where f = 1, so only the env's verdict differs."""
     agent, args = tiny
     saved = {k: v.clone() for k, v in agent.critic.state_dict().items()}
@@ -422,8 +418,7 @@ def test_the_actor_skips_turns_the_env_rejected_unless_told_to_imitate_them(tiny
         return afsft.afsft_loss(agent, batch, args, warmup=True, device="cpu")[1]["losses/actor"]
 
     valid_only = actor(buffer.collate([(0, 0, False), (0, 2, False)], []), sft)
-    assert actor(batch, afsft.replace(args, grammar=False)) == pytest.approx(valid_only * 2 / 3, rel=1e-5)
-    assert actor(batch, args) > valid_only * 2 / 3 + 0.01  # -log pi(C) of "[action]" and of an action word
+    assert actor(batch, args) == pytest.approx(valid_only * 2 / 3, rel=1e-5)
     imitate = afsft.replace(args, imitate_invalid=True)
     assert actor(batch, imitate) == pytest.approx(actor(batch, sft), rel=1e-5)
     assert actor(batch, sft) > actor(batch, args)

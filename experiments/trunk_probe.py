@@ -45,7 +45,7 @@ def loss_parts(agent, args, batch):
     def critic_loss_by_part(q_taken, targets, mask):
         tokens, turn_lengths = seen["encoded"][2:]
         valid = torch.repeat_interleave(batch["valid"], turn_lengths).float()
-        sets, _ = afsft.grammar_sets(agent.valid_responses, tokens, turn_lengths)
+        sets = afsft.grammar_sets(agent.valid_responses, tokens, turn_lengths)
         fixed = valid * torch.tensor([float(len(c) == 1) for c in sets])
         squares = (q_taken - targets) ** 2 * mask / mask.sum().clamp(min=1)  # (4) is their sum
         seen["critic"] = [(squares * part).sum() for part in (fixed, valid - fixed, 1 - valid)]
@@ -61,7 +61,7 @@ def loss_parts(agent, args, batch):
     h = agent.features(inputs, state_mask)
     logp = torch.log_softmax(agent.vlm.get_output_embeddings()(h).float(), -1)
     valid = torch.repeat_interleave(batch["valid"], turn_lengths)
-    sets, _ = afsft.grammar_sets(agent.valid_responses, tokens, turn_lengths)
+    sets = afsft.grammar_sets(agent.valid_responses, tokens, turn_lengths)
     hold = [torch.logsumexp(logp[n, c], 0) for n, c in enumerate(sets) if valid[n]]
     parts = {"actor": loss - critic_fixed - critic_choice - critic_invalid,
              "critic, valid, fixed": critic_fixed, "critic, valid, choice": critic_choice,

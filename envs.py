@@ -56,16 +56,19 @@ def format_response(action: str, scheme: str = "tag") -> str:
 def parse_agent(response: str, scheme: str = "tag") -> str | None:
     """Extract the action text from a free-form response, or None.
 
-    tag:  the text after the last "[action]", up to the end of that line.
-    json: the string value of the last "action" key.
-    Matching is case-insensitive and ignores surrounding spaces and a final '.'.
+    The prompt asks for exactly one action at the end of the reply, and the parser holds it to that: a reply
+    that names two actions is ambiguous, and one that goes on after its action did not end there.
+    tag:  one "[action]" tag, at the start of the reply or after a space; the action is the rest of the reply.
+    json: the string value of the one "action" key.
+    Matching ignores the case of the action and surrounding spaces and a final '.'.
     """
     if scheme == "tag":
-        head, sep, tail = response.rpartition("[action]")
-        found = tail.split("\n")[0] if sep else None
+        head, sep, tail = response.partition("[action]")
+        one_tag = sep and "[action]" not in tail and (not head or head[-1].isspace())
+        found = tail if one_tag else None
     elif scheme == "json":
         matches = re.findall(r'"action"\s*:\s*"([^"]*)"', response)
-        found = matches[-1] if matches else None
+        found = matches[0] if len(matches) == 1 else None
     else:
         raise ValueError(f"unknown prompting scheme {scheme!r}; choose from {sorted(SCHEMES)}")
     if found is None:

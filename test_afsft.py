@@ -463,11 +463,19 @@ def test_the_actor_skips_a_turn_that_changed_nothing_where_its_exact_advantage_i
 @pytest.mark.parametrize("response,scheme,expected", [
     ("[action] turn left", "tag", "turn left"),
     ("I think... [action]  Turn Left. ", "tag", "turn left"),
-    ("[action] go forward\nextra words", "tag", "go forward"),
-    ("[action] a [action] pick up", "tag", "pick up"),
+    ("I think... \n[action]\tTurn Left.\n", "tag", "turn left"),
+    ("[action] go forward\nextra words", "tag", "go forward\nextra words"),  # parse_env rejects it
     ("turn left", "tag", None),
     ("[action]   ", "tag", None),
+    # two tags are two actions, and a tag glued to other text is not the tag: the lenient forms a policy
+    # samples online (experiments/findings.md, session 32)
+    ("[action] a [action] pick up", "tag", None),
+    ("[action][action] +", "tag", None),
+    ("[action] +[action] +", "tag", None),
+    ("[[action] -", "tag", None),
+    ("x[action] -", "tag", None),
     ('{"thoughts": "x", "action": "toggle"}', "json", "toggle"),
+    ('{"action": "left", "action": "toggle"}', "json", None),
     ('{"action": toggle}', "json", None),
     ("", "json", None),
 ])

@@ -744,7 +744,7 @@ def test_episode_stats_of_finished_episodes():
                 {"rewards": torch.tensor([-0.1, -0.1, 0.0]), "valid": torch.tensor([False, False, True])}]
     stats = afsft.episode_stats(episodes, lambda episode_return: episode_return > 0.5)
     assert stats == {"success_rate": 0.5, "valid_action_rate": pytest.approx(3 / 5),
-                     "mean_return": pytest.approx((1.0 - 0.2) / 2), "episodes": 2}
+                     "valid_episode_rate": 0.5, "mean_return": pytest.approx((1.0 - 0.2) / 2), "episodes": 2}
 
 
 def read_metrics(run):
@@ -760,8 +760,8 @@ def test_offline_then_online_run_writes_the_run_directory(tmp_path, dataset):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(run, "eval.json")) as f:
         result = json.load(f)
-    assert (set(result) == {"success_rate", "valid_action_rate", "mean_return", "episodes"}
-            and result["episodes"] == 2)
+    assert (set(result) == {"success_rate", "valid_action_rate", "valid_episode_rate", "mean_return",
+                            "episodes"} and result["episodes"] == 2)
     metrics = read_metrics(run)
     assert [m["phase"] for m in metrics if "losses/total" in m] == ["offline", "offline", "online", "online"]
     assert all(key in metrics[0] for key in ("losses/total", "losses/actor", "losses/critic",

@@ -105,6 +105,9 @@ class Args:
     num_envs: int = flag(8, "environments stepped in parallel (one batched generate per turn)")
     rollout_len: int = flag(16, "turns per env per online round")
     updates_per_round: int = flag(8, "gradient steps per online round")
+    online_lr: float = flag(3e-4, "AdamW learning rate of the online rounds: the policy starts them near its "
+                            "fixed point, and at the offline --lr one round of 8 steps flipped its reading "
+                            "of whole blocks of states and back (experiments/findings.md, session 32)")
     temperature: float = flag(1.0, "sampling temperature of online rollouts")
     max_new_tokens: int = flag(24, "longest response, in tokens (longer dataset responses are cut)")
     # the env and its prompt
@@ -141,8 +144,8 @@ def check_args(args: Args):
         return f"--env: {err}"
     if not (0 <= args.gamma <= 1 and 0 <= args.mc_mix <= 1 and 0 <= args.sft_warmup <= 1):
         return "--gamma, --mc-mix and --sft-warmup must be in [0, 1]"
-    if not (0 < args.tau <= 1 and 0 <= args.popart_rate <= 1 and args.lr > 0):
-        return "--tau must be in (0, 1], --popart-rate in [0, 1] and --lr > 0"
+    if not (0 < args.tau <= 1 and 0 <= args.popart_rate <= 1 and args.lr > 0 and args.online_lr > 0):
+        return "--tau must be in (0, 1], --popart-rate in [0, 1], and --lr and --online-lr > 0"
     if args.drop_margin < 0 or args.max_weight <= 0:
         return "--drop-margin must be >= 0 and --max-weight > 0"
     if min(args.batch_turns, args.run_length, args.num_envs, args.max_new_tokens) < 1:
@@ -1002,7 +1005,9 @@ def train(args: Args):
             show(bar, train_step(run, args, "offline"))
         # online rounds: every env acts for --rollout-len turns, then the agent learns
         while run.step < total:
-            if rollout is None:
+            if rollout is None:  # the online phase starts, or resumes
+                for group in run.optimizer.param_groups:
+                    group["lr"] = args.online_lr
                 rollout = Rollout(args, seed=args.seed * 7919 + run.step)
                 run.success = rollout.envs[0].success
             for _ in range(args.rollout_len):

@@ -695,6 +695,8 @@ def test_cli_rejects_unknown_env_and_bad_flags(tmp_path, dataset):
             and "Traceback" not in result.stderr)
     result = run_cli("--gamma", "1.5", "--offline", dataset)
     assert result.returncode == 2 and "--gamma, --mc-mix and --sft-warmup must be in [0, 1]" in result.stderr
+    result = run_cli("--online-lr", "0", "--offline", dataset)
+    assert result.returncode == 2 and "--lr and --online-lr > 0" in result.stderr
     result = run_cli("--env", "babyai", "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "--offline needs a dataset" in result.stderr
     # an unknown env is named first, also without --offline
@@ -756,8 +758,10 @@ def read_metrics(run):
 def test_offline_then_online_run_writes_the_run_directory(tmp_path, dataset):
     run = str(tmp_path / "run")
     result = run_cli("--env", "babyai", "--offline", dataset, "--out", run, "--offline-steps", "4",
-                     "--online-rounds", "2", "--eval-episodes", "2", *SMALL)
+                     "--online-rounds", "2", "--eval-episodes", "2", "--online-lr", "2e-4", *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
+    assert {g["lr"] for g in state["optimizer"]["param_groups"]} == {2e-4}  # the online rounds' own rate
     with open(os.path.join(run, "eval.json")) as f:
         result = json.load(f)
     assert (set(result) == {"success_rate", "valid_action_rate", "valid_episode_rate", "mean_return",

@@ -111,8 +111,8 @@ def batch(rng, tokenizer, vocab, narrow, size):
 
 
 def tagged_reply_is_valid(prompt, reply):
-    tag = re.search(r'"\[(.*?)\]"', prompt).group(1)
-    options = re.findall(r"(?m)^\w+: (.*)\.$", prompt)[-1].split(", ")
+    tag = re.search(r'"\[(.*?)\]"', prompt.split("\n")[-1]).group(1)
+    options = prompt.split("\n")[-2].split(": ", 1)[1].rstrip(".").split(", ")  # the line above the rule
     reply = reply.strip()
     return reply.startswith(f"[{tag}] ") and reply[len(tag) + 3:].strip() in options
 
@@ -159,12 +159,14 @@ def main():
     model = LlamaForCausalLM(config)
     vocab = vocabulary(tokenizer, args.narrow)
     held = [instruction(np.random.default_rng(10**7 + i), vocab, args.narrow) for i in range(100)]
-    held = [prompt for prompt, _ in held if '"[' in prompt]
+    held = [prompt for prompt, _ in held if 'End your reply with "[' in prompt]
     as_env = []  # the same instructions with the env's tag and an env's actions
     for i, prompt in enumerate(held):
         words = envs.make_env(ENVS[i % len(ENVS)]).action_words
-        prompt = re.sub(r'"\[(.*?)\]"', '"[action]"', prompt)
-        as_env.append(re.sub(r"(?m)^(\w+): .*\.$", lambda m: f"{m.group(1)}: {', '.join(words)}.", prompt))
+        lines = prompt.split("\n")
+        lines[-1] = re.sub(r'"\[(.*?)\]"', '"[action]"', lines[-1])
+        lines[-2] = lines[-2].split(": ", 1)[0] + f": {', '.join(words)}."
+        as_env.append("\n".join(lines))
     env_prompts = []
     for name in ENVS:
         env = envs.make_env(name)

@@ -2,6 +2,7 @@
 
     python experiments/copy_probe.py                     # 4,000 steps, about 35 minutes on one thread
     python experiments/copy_probe.py --narrow --steps 3000   # tags and options from a small word list
+    python experiments/copy_probe.py --tag-is-noun 0.3   # 30% of tags name the list ("Colours", "[colour]")
 
 The prompted base writes no valid action because it never copies the prompt's `[action]` tag or one of the
 listed actions (README, "The tiny default model"). Copying a token from the prompt is attention routing
@@ -12,7 +13,8 @@ format, and every --eval-every steps measures, greedy:
 - `held_valid`: on held-out instructions that name a tag, the reply is `[tag] option` with the prompt's
   tag and one of its listed options;
 - `action_valid`: the same instructions with the tag replaced by `action` and the options by an env's
-  action words (neither is ever a tag or an answer in training);
+  action words (neither is ever a tag or an answer in training); `tag_action_valid` and `env_words_valid`
+  replace only the tag or only the options;
 - per env: the first prompt of 10 held-out episodes, parsed by the env itself (valid or not);
 - `p_action`: the probability of `action` right after `[`, and `p_word`: of an action's first token right
   after `[action]`, on those env prompts.
@@ -59,7 +61,7 @@ def vocabulary(tokenizer, narrow):
             "words": [v for v in pieces if re.fullmatch(r" ?[a-z]{2,}", v) and v.strip() != "action"]}
 
 
-def instruction(rng, vocab, narrow):
+def instruction(rng, vocab, narrow, tag_is_noun=0.0):
     """One (prompt, response) pair of generic instruction following."""
     def option():
         return "".join(rng.choice(vocab["options"], size=rng.integers(1, 3))).strip()
@@ -77,6 +79,8 @@ def instruction(rng, vocab, narrow):
     kind = rng.choice(4, p=[0.4, 0.1, 0.25, 0.25])
     if rng.random() < 0.3:
         noun = str(rng.choice(vocab["tags"])).lower()
+    if tag_is_noun and rng.random() < tag_is_noun:  # 'Colours: ...', '"[colour]"', as the envs
+        noun = tag
     if kind == 0:
         phrase = (" ".join(options[:3]) if narrow else
                   "".join(rng.choice(vocab["any"], size=rng.integers(4, 24))).strip())
@@ -95,10 +99,10 @@ def chat(prompt):
     return f"<|user|><image>{prompt}<|end|><|assistant|>"
 
 
-def batch(rng, tokenizer, vocab, narrow, size):
+def batch(rng, tokenizer, vocab, narrow, size, tag_is_noun):
     rows = []
     for _ in range(size):
-        prompt, response = instruction(rng, vocab, narrow)
+        prompt, response = instruction(rng, vocab, narrow, tag_is_noun)
         head, tail = tokenizer(chat(prompt))["input_ids"], tokenizer(response + "<|end|>")["input_ids"]
         rows.append((head + tail, [-100] * len(head) + tail))
     length = max(len(ids) for ids, _ in rows)
@@ -146,6 +150,8 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW, 200 warm-up steps, then constant")
     parser.add_argument("--untied", action="store_true", help="a language head of its own (the shipped base)")
     parser.add_argument("--narrow", action="store_true", help="tags and options from a small word list")
+    parser.add_argument("--tag-is-noun", type=float, default=0.0,
+                        help="the share of tagged instructions whose tag is the list's noun")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -160,13 +166,15 @@ def main():
     vocab = vocabulary(tokenizer, args.narrow)
     held = [instruction(np.random.default_rng(10**7 + i), vocab, args.narrow) for i in range(100)]
     held = [prompt for prompt, _ in held if 'End your reply with "[' in prompt]
-    as_env = []  # the same instructions with the env's tag and an env's actions
+    as_env, tag_action, env_words = [], [], []  # the same instructions with the env's tag and/or actions
     for i, prompt in enumerate(held):
         words = envs.make_env(ENVS[i % len(ENVS)]).action_words
         lines = prompt.split("\n")
-        lines[-1] = re.sub(r'"\[(.*?)\]"', '"[action]"', lines[-1])
-        lines[-2] = lines[-2].split(": ", 1)[0] + f": {', '.join(words)}."
-        as_env.append("\n".join(lines))
+        tag_line = re.sub(r'"\[(.*?)\]"', '"[action]"', lines[-1])
+        list_line = lines[-2].split(": ", 1)[0] + f": {', '.join(words)}."
+        as_env.append("\n".join(lines[:-2] + [list_line, tag_line]))
+        tag_action.append("\n".join(lines[:-1] + [tag_line]))
+        env_words.append("\n".join(lines[:-2] + [list_line, lines[-1]]))
     env_prompts = []
     for name in ENVS:
         env = envs.make_env(name)
@@ -177,7 +185,7 @@ def main():
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 200))
     start = time.time()
     for step in range(1, args.steps + 1):
-        input_ids, labels, mask = batch(rng, tokenizer, vocab, args.narrow, args.batch)
+        input_ids, labels, mask = batch(rng, tokenizer, vocab, args.narrow, args.batch, args.tag_is_noun)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,6 +199,9 @@ def main():
         report["held_valid"] = np.mean([tagged_reply_is_valid(p, r) for p, r in zip(held, replies)])
         replies = greedy(model, tokenizer, as_env)
         report["action_valid"] = np.mean([tagged_reply_is_valid(p, r) for p, r in zip(as_env, replies)])
+        for key, prompts in (("tag_action_valid", tag_action), ("env_words_valid", env_words)):
+            replies = greedy(model, tokenizer, prompts)
+            report[key] = np.mean([tagged_reply_is_valid(p, r) for p, r in zip(prompts, replies)])
         replies = greedy(model, tokenizer, [prompt for _, _, prompt in env_prompts])
         for name in ENVS:
             report[name] = np.mean([env.parse_env(envs.parse_agent(reply)) is not None

@@ -195,11 +195,8 @@ def main():
         if step % args.eval_every:
             continue
         report = {"step": step, "loss": round(loss.item(), 3), "seconds": round(time.time() - start)}
-        replies = greedy(model, tokenizer, held)
-        report["held_valid"] = np.mean([tagged_reply_is_valid(p, r) for p, r in zip(held, replies)])
-        replies = greedy(model, tokenizer, as_env)
-        report["action_valid"] = np.mean([tagged_reply_is_valid(p, r) for p, r in zip(as_env, replies)])
-        for key, prompts in (("tag_action_valid", tag_action), ("env_words_valid", env_words)):
+        for key, prompts in (("held_valid", held), ("action_valid", as_env), ("tag_action_valid", tag_action),
+                             ("env_words_valid", env_words)):
             replies = greedy(model, tokenizer, prompts)
             report[key] = np.mean([tagged_reply_is_valid(p, r) for p, r in zip(prompts, replies)])
         replies = greedy(model, tokenizer, [prompt for _, _, prompt in env_prompts])

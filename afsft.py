@@ -970,6 +970,7 @@ def finish(run: Run, args: Args):
         low, high = checksum.clone(), checksum.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.barrier()  # no rank tears down its connections while a collective is still in flight
         dist.destroy_process_group()
         if not torch.equal(low, high):
             fail(f"rank {run.rank}: the ranks ended with different weights")

@@ -110,6 +110,8 @@ class Args:
                             "fixed point, and at the offline --lr one round of 8 steps flipped its reading "
                             "of whole blocks of states and back (experiments/findings.md, session 32)")
     temperature: float = flag(1.0, "sampling temperature of online rollouts")
+    explore: float = flag(0.0, "share of online rollout turns that take a uniformly random action from the "
+                          "env's list instead of the policy's reply (epsilon-greedy)")
     max_new_tokens: int = flag(24, "longest response, in tokens (longer dataset responses are cut)")
     # the env and its prompt
     env: str = flag("babyai", "short name (babyai, ...) or a full id such as BabyAI-GoToLocal-v0")
@@ -143,8 +145,8 @@ def check_args(args: Args):
         envs.env_id(args.env)
     except ValueError as err:
         return f"--env: {err}"
-    if not (0 <= args.gamma <= 1 and 0 <= args.mc_mix <= 1 and 0 <= args.sft_warmup <= 1):
-        return "--gamma, --mc-mix and --sft-warmup must be in [0, 1]"
+    if not all(0 <= value <= 1 for value in (args.gamma, args.mc_mix, args.sft_warmup, args.explore)):
+        return "--gamma, --mc-mix, --sft-warmup and --explore must be in [0, 1]"
     if not (0 < args.tau <= 1 and 0 <= args.popart_rate <= 1 and args.lr > 0 and args.online_lr > 0):
         return "--tau must be in (0, 1], --popart-rate in [0, 1], and --lr and --online-lr > 0"
     if args.drop_margin < 0 or args.max_weight <= 0:
@@ -662,15 +664,19 @@ class Rollout:
         # each env's open episode was reset with this
         self.episode_seeds = [next(self.seeds) for _ in self.envs]
         self.obs = [env.reset(seed=s)[0] for env, s in zip(self.envs, self.episode_seeds)]
+        self.rng = np.random.default_rng(seed)  # its own stream: the envs' draws stay as without exploring
         # each open episode: (image, prompt, action, reward, valid) per turn
         self.turns = [[] for _ in self.envs]
 
-    def step(self, agent, args: Args, temperature, device):
-        """One turn in every env; returns the episodes that this turn finished."""
+    def step(self, agent, args: Args, temperature, device, explore=0.0):
+        """One turn in every env; returns the episodes that this turn finished. With probability `explore` an
+        env's turn is a random action of its list, written as the env's parser reads it."""
         finished = []
         images, prompts = [o["image"] for o in self.obs], [o["prompt"] for o in self.obs]
         responses = generate(agent, images, prompts, temperature, args.max_new_tokens, device)
         for i, (env, response) in enumerate(zip(self.envs, responses)):
+            if explore and self.rng.random() < explore:
+                response = envs.format_response(str(self.rng.choice(env.action_words)), args.scheme)
             # a copy: env images may be read-only
             image, prompt = torch.tensor(self.obs[i]["image"]), self.obs[i]["prompt"]
             self.obs[i], reward, terminated, truncated, info = env.step(response)
@@ -1013,7 +1019,7 @@ def train(args: Args):
                 rollout = Rollout(args, seed=args.seed * 7919 + run.step)
                 run.success = rollout.envs[0].success
             for _ in range(args.rollout_len):
-                finished = rollout.step(run.agent, args, args.temperature, run.device)
+                finished = rollout.step(run.agent, args, args.temperature, run.device, args.explore)
                 run.buffer.episodes += finished
                 run.new_episodes += finished
                 if run.interrupted:

@@ -694,7 +694,9 @@ def test_cli_rejects_unknown_env_and_bad_flags(tmp_path, dataset):
     assert (result.returncode != 0 and "unknown env 'chess'" in result.stderr
             and "Traceback" not in result.stderr)
     result = run_cli("--gamma", "1.5", "--offline", dataset)
-    assert result.returncode == 2 and "--gamma, --mc-mix and --sft-warmup must be in [0, 1]" in result.stderr
+    assert result.returncode == 2 and "--sft-warmup and --explore must be in [0, 1]" in result.stderr
+    result = run_cli("--explore", "-0.1", "--offline", dataset)
+    assert result.returncode == 2 and "--explore must be in [0, 1]" in result.stderr
     result = run_cli("--online-lr", "0", "--offline", dataset)
     assert result.returncode == 2 and "--lr and --online-lr > 0" in result.stderr
     result = run_cli("--env", "babyai", "--out", str(tmp_path / "run"))
@@ -1591,6 +1593,20 @@ def test_bf16_trunk_fp32_heads_and_gradient_checkpointing(families):
     assert loss.dtype == torch.float32 and len(calls) == 2  # the forward, and the bootstrap's no-grad forward
     loss.backward()
     assert len(calls) == 3 and all(p.grad is not None for p in agent.parameters() if p.requires_grad)
+
+
+def test_exploring_rollout_turns_take_random_listed_actions(tiny):
+    agent, args = tiny
+    args = afsft.replace(args, env="numberline", num_envs=4, max_new_tokens=4)
+    exploring, plain = afsft.Rollout(args, seed=0), afsft.Rollout(args, seed=0)
+    for _ in range(3):  # the base writes no valid action, so every valid turn is an exploring one
+        torch.manual_seed(0)
+        exploring.step(agent, args, 1.0, "cpu", explore=1.0)
+        torch.manual_seed(0)
+        plain.step(agent, args, 1.0, "cpu")
+    turns = [turn for open_turns in exploring.turns for turn in open_turns]
+    assert {turn[2] for turn in turns} == {"[action] +", "[action] -"} and all(turn[4] for turn in turns)
+    assert not any(turn[4] for turns in plain.turns for turn in turns)
 
 
 def test_generation_reuses_the_kv_cache(tiny):

@@ -110,9 +110,9 @@ class Args:
                             "fixed point, and at the offline --lr one round of 8 steps flipped its reading "
                             "of whole blocks of states and back (experiments/findings.md, session 32)")
     temperature: float = flag(1.0, "sampling temperature of online rollouts")
-    explore: float = flag(0.0, "share of online rollout turns that take a uniformly random action of the "
-                          "env's list instead of the policy's reply (epsilon-greedy): 0.1 starts online "
-                          "training from a base that writes no valid action (README, Results 3)")
+    explore: float = flag(0.1, "share of the online replies the env would reject that are replaced by a "
+                          "uniformly random action of its list: without it, a base that writes no valid "
+                          "action never gives the actor a turn to imitate")
     max_new_tokens: int = flag(24, "longest response, in tokens (longer dataset responses are cut)")
     # the env and its prompt
     env: str = flag("babyai", "short name (babyai, ...) or a full id such as BabyAI-GoToLocal-v0")
@@ -670,13 +670,15 @@ class Rollout:
         self.turns = [[] for _ in self.envs]
 
     def step(self, agent, args: Args, temperature, device, explore=0.0):
-        """One turn in every env; returns the episodes that this turn finished. With probability `explore` an
-        env's turn is a random action of its list, written as the env's parser reads it."""
+        """One turn in every env; returns the episodes that this turn finished. A reply the env would reject
+        is, with probability `explore`, replaced by a random action of its list, written as its parser reads
+        it: epsilon-greedy exploration, only where the policy has no action to offer."""
         finished = []
         images, prompts = [o["image"] for o in self.obs], [o["prompt"] for o in self.obs]
         responses = generate(agent, images, prompts, temperature, args.max_new_tokens, device)
         for i, (env, response) in enumerate(zip(self.envs, responses)):
-            if explore and self.rng.random() < explore and env.action_words:  # a page can list none
+            rejected = explore and env.parse_env(envs.parse_agent(response, args.scheme)) is None
+            if rejected and self.rng.random() < explore and env.action_words:  # a page can list none
                 response = envs.format_response(str(self.rng.choice(env.action_words)), args.scheme)
             # a copy: env images may be read-only
             image, prompt = torch.tensor(self.obs[i]["image"]), self.obs[i]["prompt"]

@@ -1595,7 +1595,7 @@ def test_bf16_trunk_fp32_heads_and_gradient_checkpointing(families):
     assert len(calls) == 3 and all(p.grad is not None for p in agent.parameters() if p.requires_grad)
 
 
-def test_exploring_rollout_turns_take_random_listed_actions(tiny):
+def test_exploration_replaces_rejected_replies_only(tiny, monkeypatch):
     agent, args = tiny
     args = afsft.replace(args, env="numberline", num_envs=4, max_new_tokens=4)
     exploring, plain = afsft.Rollout(args, seed=0), afsft.Rollout(args, seed=0)
@@ -1607,6 +1607,12 @@ def test_exploring_rollout_turns_take_random_listed_actions(tiny):
     turns = [turn for open_turns in exploring.turns for turn in open_turns]
     assert {turn[2] for turn in turns} == {"[action] +", "[action] -"} and all(turn[4] for turn in turns)
     assert not any(turn[4] for turns in plain.turns for turn in turns)
+    # a reply the env accepts is the policy's own, exploring or not
+    monkeypatch.setattr(afsft, "generate", lambda agent, images, *_: ["[action] +"] * len(images))
+    valid_replies = afsft.Rollout(args, seed=0)
+    finished = valid_replies.step(agent, args, 1.0, "cpu", explore=1.0)
+    actions = [a for ep in finished for a in ep["actions"]] + [t[2] for ts in valid_replies.turns for t in ts]
+    assert actions == ["[action] +"] * 4
 
 
 def test_generation_reuses_the_kv_cache(tiny):

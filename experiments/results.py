@@ -7,8 +7,7 @@
 
 For each domain and seed S it runs, as subprocesses of `afsft.py` with seed S and afsft.py's defaults:
 - `prompted`:     the base evaluated untrained (`--offline-steps 0`): the paper's "prompting" row;
-- `online`:       AFSFT online from the base, no dataset (`--offline-steps 0 --online-rounds K --explore 0.1`:
-                  without exploration the base writes no valid turn to learn from);
+- `online`:       AFSFT online from the base, no dataset (`--offline-steps 0 --online-rounds K`);
 and for each dataset it collects with seed S (`envs.py collect`):
 - `sft`:          offline SFT, `--filter none`;
 - `afsft`:        offline AFSFT with afsft.py's default flags, plus `--afsft-flags` if given (for example
@@ -208,7 +207,7 @@ def data_free(domain, seed, opt):
         train(os.path.join(where, "prompted"), domain, None, seed, opt)
     if "online" in opt.methods:
         train(os.path.join(where, run_name("online", opt)), domain, None, seed, opt,
-              ["--explore", "0.1", *online_args(opt)])
+              online_args(opt))
 
 
 def chain(domain, dataset, seed, opt):
@@ -293,7 +292,6 @@ def table(opt):
              + (f", online rounds: {opt.online_rounds}" if online else "")
              + (f" with `{' '.join(opt.online_flags)}` added"
                 if online and opt.online_flags else "")
-             + (" (online only: with `--explore 0.1`)" if "online" in opt.methods else "")
              + (f"; AFSFT with `{' '.join(opt.afsft_flags)}`, afsft.py's defaults otherwise; "
                 if opt.afsft_flags else "; AFSFT with afsft.py's default flags, SFT with `--filter none`; ")
              + f"greedy evaluation on {opt.eval_episodes} held-out episodes; each seed its own dataset. "

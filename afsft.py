@@ -59,7 +59,7 @@ class Args:
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
     # what makes the critic robust (the paper's plain form: --filter binary --popart-rate 0 --baseline all
     # --critic-init lm --mc-mix 0 --no-grammar --imitate-invalid --no-skip-unchanged --critic-trunk all
-    # --online-lr 1e-3)
+    # --online-lr 1e-3 --explore 0 --solved-replay 0)
     popart_rate: float = flag(3e-3, "EMA rate of the return statistics the critic learns in (PopArt); "
                               "0: the critic learns in reward units")
     baseline: str = flag("seen", "V(s) = sum pi Q over the tokens some batch has held (seen) or over the "
@@ -113,6 +113,9 @@ class Args:
     explore: float = flag(0.1, "share of the online replies the env would reject that are replaced by a "
                           "uniformly random action of its list: without it, a base that writes no valid "
                           "action never gives the actor a turn to imitate")
+    solved_replay: float = flag(0.5, "share of each online batch drawn from episodes that earned a positive "
+                                "reward: early online successes are rare and would otherwise be a vanishing "
+                                "share of a growing buffer (self-imitation); 0: every episode by length")
     max_new_tokens: int = flag(24, "longest response, in tokens (longer dataset responses are cut)")
     # the env and its prompt
     env: str = flag("babyai", "short name (babyai, ...) or a full id such as BabyAI-GoToLocal-v0")
@@ -146,8 +149,9 @@ def check_args(args: Args):
         envs.env_id(args.env)
     except ValueError as err:
         return f"--env: {err}"
-    if not all(0 <= value <= 1 for value in (args.gamma, args.mc_mix, args.sft_warmup, args.explore)):
-        return "--gamma, --mc-mix, --sft-warmup and --explore must be in [0, 1]"
+    if not all(0 <= value <= 1 for value in (args.gamma, args.mc_mix, args.sft_warmup, args.explore,
+                                             args.solved_replay)):
+        return "--gamma, --mc-mix, --sft-warmup, --explore and --solved-replay must be in [0, 1]"
     if not (0 < args.tau <= 1 and 0 <= args.popart_rate <= 1 and args.lr > 0 and args.online_lr > 0):
         return "--tau must be in (0, 1], --popart-rate in [0, 1], and --lr and --online-lr > 0"
     if args.drop_margin < 0 or args.max_weight <= 0:
@@ -394,14 +398,17 @@ class Buffer:
     def __init__(self, episodes=(), gamma=0.9):
         self.episodes, self.gamma = list(episodes), gamma
 
-    def sample(self, rng, batch_turns, run_length):
-        """Runs of up to `run_length` consecutive turns, episodes weighted by length. A turn's bootstrap value
+    def sample(self, rng, batch_turns, run_length, solved_share=0.0):
+        """Runs of up to `run_length` consecutive turns, episodes weighted by length; the first `solved_share`
+        of the turns come from episodes that earned a positive reward, if any has. A turn's bootstrap value
         then comes from its successor's forward pass in the same batch; only a run's last turn needs an
         extra no-grad one."""
         lengths = np.array([len(ep["actions"]) for ep in self.episodes])
+        solved = lengths * np.array([bool((ep["rewards"] > 0).any()) for ep in self.episodes])
         turns, successors = [], []
         while len(turns) < batch_turns:
-            e = rng.choice(len(lengths), p=lengths / lengths.sum())
+            pool = solved if solved.any() and len(turns) < solved_share * batch_turns else lengths
+            e = rng.choice(len(lengths), p=pool / pool.sum())
             n = min(run_length, lengths[e], batch_turns - len(turns))
             start = rng.integers(lengths[e] - n + 1)
             turns += [(e, t, t + 1 < start + n) for t in range(start, start + n)]
@@ -944,7 +951,8 @@ def train_step(run: Run, args: Args, phase: str):
     """One gradient step, then what is due at it: a metrics line, an evaluation, a checkpoint."""
     if run.interrupted:  # Ctrl-C, raised here: inside a library's finalizer it would be lost
         raise KeyboardInterrupt
-    batch = run.buffer.sample(run.rng, args.batch_turns, args.run_length)
+    batch = run.buffer.sample(run.rng, args.batch_turns, args.run_length,
+                              args.solved_replay if phase == "online" else 0.0)
     warmup = run.step < int(args.sft_warmup * args.offline_steps)  # f = 1 while the critic first learns
     stats = gradient_step(run.agent, run.optimizer, batch, args, warmup, run.device, run.world)
     run.step += 1

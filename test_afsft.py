@@ -361,6 +361,22 @@ def test_buffer_samples_runs_of_consecutive_turns():
     assert batch["has_return"].all() and not buffer.collate([(1, 0, False)], [])["has_return"].any()
 
 
+def test_solved_replay_fills_its_share_of_the_batch_from_rewarded_episodes():
+    """--solved-replay 0.5: the first half of the turns come from the one rewarded episode of 21 (by length
+    it would be 1 turn in 41); with none rewarded, or a share of 0, episodes are drawn by length alone."""
+    solved = make_episode(2, True, prompt="s")
+    failures = [make_episode(2, True, prompt=f"f{i}") for i in range(20)]
+    for episode in failures:
+        episode["rewards"] = torch.tensor([0.0, -0.1])
+    buffer = afsft.Buffer(failures + [solved])
+    batch = buffer.sample(np.random.default_rng(0), batch_turns=16, run_length=2, solved_share=0.5)
+    assert all(p.startswith("s") for p in batch["prompts"][:8])
+    by_length = buffer.sample(np.random.default_rng(0), batch_turns=16, run_length=2)
+    assert sum(p.startswith("s") for p in by_length["prompts"]) < 8
+    unrewarded = afsft.Buffer(failures).sample(np.random.default_rng(0), 16, 2, solved_share=0.5)
+    assert len(unrewarded["prompts"]) == 16
+
+
 def test_afsft_loss_trains_critic_and_trunk_and_sft_skips_the_critic(tiny):
     agent, args = tiny
     buffer = afsft.Buffer([make_episode(6, True), make_episode(5, False)])
@@ -694,9 +710,9 @@ def test_cli_rejects_unknown_env_and_bad_flags(tmp_path, dataset):
     assert (result.returncode != 0 and "unknown env 'chess'" in result.stderr
             and "Traceback" not in result.stderr)
     result = run_cli("--gamma", "1.5", "--offline", dataset)
-    assert result.returncode == 2 and "--sft-warmup and --explore must be in [0, 1]" in result.stderr
-    result = run_cli("--explore", "-0.1", "--offline", dataset)
-    assert result.returncode == 2 and "--explore must be in [0, 1]" in result.stderr
+    assert result.returncode == 2 and "--explore and --solved-replay must be in [0, 1]" in result.stderr
+    result = run_cli("--solved-replay", "-0.1", "--offline", dataset)
+    assert result.returncode == 2 and "--solved-replay must be in [0, 1]" in result.stderr
     result = run_cli("--online-lr", "0", "--offline", dataset)
     assert result.returncode == 2 and "--lr and --online-lr > 0" in result.stderr
     result = run_cli("--env", "babyai", "--out", str(tmp_path / "run"))

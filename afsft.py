@@ -4,10 +4,10 @@ The method of "VLM Q-Learning: Aligning Vision-Language Models for Interactive
 Decision-Making" (Grigsby, Zhu, Ryoo, Niebles, 2025). A VLM with LoRA adapters
 gets a second output head, a critic Q(s, .) over the vocabulary, learned by
 TD; the policy imitates each response token with a weight f(A) of its
-advantage (by default min(exp(A), 3), 0 where A < -0.25, and 0 on turns the env
-rejected; the paper's binary filter 1[A > 0] is a flag). With `--filter none` it is plain
-SFT. The equations cited as (1)-(5) are written out in the README's method
-section.
+advantage (by default min(exp(A), 3), 0 where A < -0.25 unless the turn went
+on to a positive reward, and 0 on turns the env rejected; the paper's binary
+filter 1[A > 0] is a flag). With `--filter none` it is plain SFT. The
+equations cited as (1)-(6) are written out in the README's method section.
 
 The file reads in the order of the method: the flags, the model (VLM, LoRA,
 two heads), the encoding of turns, the buffer, the losses, the rollout, one
@@ -54,6 +54,10 @@ class Args:
     drop_margin: float = flag(0.25, "m: the exp filter drops a token (f = 0) whose A < -m return std, where "
                               "the critic is sure the policy does better; inside m it stays soft, so noise "
                               "on near-ties cannot drop the expert's token; inf: the plain exp filter")
+    spare_rewarded: bool = flag(True, "the margin never drops the tokens of a turn from which its episode "
+                                "went on to a positive reward: the data shows they can lead to success, so a "
+                                "drop there would rest on the critic's word alone; the soft weight still "
+                                "ranks them")
     gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
@@ -428,6 +432,7 @@ class Buffer:
             (eps[e]["rewards"][t:] * self.gamma ** torch.arange(len(eps[e]["rewards"]) - t)).sum()
             for e, t, _ in turns])
         batch["has_return"] = torch.tensor([eps[e]["terminated"] for e, _, _ in turns])
+        batch["rewarded_after"] = torch.tensor([bool((eps[e]["rewards"][t:] > 0).any()) for e, t, _ in turns])
         batch["valid"] = torch.tensor([bool(eps[e]["valid"][t]) for e, t, _ in turns])
         batch["unchanged"] = torch.tensor([changed_nothing(eps[e], t) for e, t, _ in turns])
         # where turn i's successor value lives: the next turn in the batch, a bootstrap prompt, or nowhere
@@ -466,15 +471,18 @@ def critic_loss(q_taken, targets, mask):
     return ((q_taken - targets) ** 2 * mask).sum() / mask.sum().clamp(min=1)
 
 
-def filter_weights(advantage, kind, beta=1.0, max_weight=3.0, drop_margin=float("inf")):
+def filter_weights(advantage, kind, beta=1.0, max_weight=3.0, drop_margin=float("inf"), spared=None):
     """f(A): exp min(exp(beta A), w_max) 1[A > -m], binary 1[A > 0], or none (f = 1: SFT). exp is 1 at
     A = 0, so a token the policy is sure of (where A is near 0, see `afsft_loss`) keeps its SFT weight
     whatever the sign of the critic's noise; binary would drop it half the time. But a soft weight
     alone never overturns a data majority of p to 1 unless beta dQ > ln p (the policy's fixed point is
     pi ∝ mu exp(beta Q)), so past the margin m, where the critic is sure, it drops the token as binary
-    does."""
+    does, except where `spared` (a bool per token) says the data vouches for it."""
     if kind == "exp":
-        return torch.exp(beta * advantage).clamp(max=max_weight) * (advantage > -drop_margin)
+        kept = advantage > -drop_margin
+        if spared is not None:
+            kept = kept | spared
+        return torch.exp(beta * advantage).clamp(max=max_weight) * kept
     return (advantage > 0).float() if kind == "binary" else torch.ones_like(advantage)
 
 
@@ -612,8 +620,14 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     # (1), (2) in units of the return's std. Where the policy is sure of y, A = (1 - pi(y)) (Q(y) - mean Q
     # of the rest) is near 0, and the exp filter keeps SFT's weight.
     advantage = (q_taken - state_values(pi, q, seen)).detach()
-    weights = torch.ones_like(advantage) if warmup else filter_weights(advantage, args.filter, args.beta,
-                                                                        args.max_weight, args.drop_margin)
+    # The margin's drop is a hard verdict, so it takes a second witness: the data. A turn from which its own
+    # episode went on to a positive reward is spared (it keeps the soft weight). The drop exists to overturn
+    # a majority whose episodes fail; it still does. But on expert data, in states the critic cannot read,
+    # Q of the token the expert did not write is an action prior (the expert turns near its goal, so `turn`
+    # looks better than `go`), and without this the margin dropped a quarter of the expert's `go` tokens.
+    spared = torch.repeat_interleave(batch["rewarded_after"] & args.spare_rewarded, turn_lengths).to(device)
+    weights = torch.ones_like(advantage) if warmup else filter_weights(
+        advantage, args.filter, args.beta, args.max_weight, args.drop_margin, spared)
     if not args.imitate_invalid:
         # Text the env rejected earns -p and leaves the state as it was: Q = -p + gamma V(s), so its exact A
         # = -p - (1 - gamma) V(s) is negative wherever V(s) > -p / (1 - gamma). The critic only learns it

@@ -123,6 +123,25 @@ def test_exp_filter_drops_tokens_past_the_margin_only():
     assert plain[:2].tolist() == pytest.approx([math.exp(-1.0), math.exp(-0.3)])
 
 
+def test_exp_filter_spares_the_tokens_the_data_vouches_for():
+    """A spared token past the margin keeps its soft weight; the others are dropped or kept as before."""
+    advantage = torch.tensor([-1.0, -1.0, -0.1, 2.0])
+    spared = torch.tensor([False, True, False, True])
+    w = afsft.filter_weights(advantage, "exp", beta=1.0, max_weight=3.0, drop_margin=0.25, spared=spared)
+    assert w.tolist() == pytest.approx([0.0, math.exp(-1.0), math.exp(-0.1), 3.0])
+
+
+def test_buffer_marks_the_turns_that_went_on_to_a_positive_reward():
+    """Rewards -0.1, 0, 1, 0: turns 0-2 precede or earn the reward, turn 3 comes after it."""
+    episode = make_episode(4, True)
+    episode["rewards"] = torch.tensor([-0.1, 0.0, 1.0, 0.0])
+    unrewarded = make_episode(2, True)
+    unrewarded["rewards"] = torch.tensor([0.0, -1.0])
+    turns = [(0, t, False) for t in range(4)] + [(1, 0, False)]
+    batch = afsft.Buffer([episode, unrewarded]).collate(turns, [])
+    assert batch["rewarded_after"].tolist() == [True, True, True, False, False]
+
+
 def test_filter_none_is_exactly_sft_cross_entropy():
     torch.manual_seed(0)
     logits, tokens, lengths = torch.randn(5, 11), torch.tensor([3, 1, 4, 1, 5]), torch.tensor([2, 3])

@@ -8,7 +8,10 @@ advantage A = Q(s_j, y_j) - V(s_j) (return std), the policy's pi(y_j | s_j), and
 there, |Q(s_j, y_j) - G_t| with G_t the turn's Monte-Carlo return (the target of (4) under --mc-mix 1;
 terminated episodes only). Per action word it prints:
 
-- `drop`: the share of its tokens past the margin, A < -m: what the default filter drops;
+- `drop`: the share of its tokens past the margin, A < -m: what the margin alone would drop;
+- `spared`: the share past the margin in turns that went on to a positive reward, which
+  `--spare-rewarded` (the default since session 40) keeps at the soft weight: `drop - spared` is what the
+  default filter drops;
 - `drop+err`: the share past a margin widened by the critic's error at that token, A < -(m + |Q - G|)
   (tried as a default in session 27 and not kept: experiments/findings.md);
 - `meanA`, `A q05`: the mean and the 5% quantile of A;
@@ -51,7 +54,8 @@ def token_rows(agent, args, turns, buffer):
         for n, k in enumerate(turn_of_token.tolist()):
             if batch["valid"][k] and batch["has_return"][k]:
                 rows.append({"word": tokenizer.decode([int(tokens[n])]).strip(), "A": float(advantage[n]),
-                             "pi": float(pi[n]), "error": abs(float(q_taken[n] - returns[k]))})
+                             "pi": float(pi[n]), "error": abs(float(q_taken[n] - returns[k])),
+                             "rewarded": bool(batch["rewarded_after"][k])})
     return rows
 
 
@@ -73,14 +77,16 @@ def main():
             by_word[row["word"]].append(row)
         m = args.drop_margin
         print(f"{run}, step {step}, margin m = {m}: {min(cli.turns, len(turns))} turns of {args.offline}")
-        print(f"  {'word':10s} {'n':>5s} {'drop':>6s} {'drop+err':>8s} {'meanA':>7s} {'A q05':>7s} "
-              f"{'pi':>6s} {'pi@drop':>7s} {'|Q-G|':>6s} {'@drop':>6s}")
+        print(f"  {'word':10s} {'n':>5s} {'drop':>6s} {'spared':>6s} {'drop+err':>8s} {'meanA':>7s} "
+              f"{'A q05':>7s} {'pi':>6s} {'pi@drop':>7s} {'|Q-G|':>6s} {'@drop':>6s}")
         for word, rows in sorted(by_word.items(), key=lambda item: -len(item[1])):
-            a, pi, error = (np.array([r[k] for r in rows]) for k in ("A", "pi", "error"))
+            a, pi, error, rewarded = (np.array([r[k] for r in rows])
+                                      for k in ("A", "pi", "error", "rewarded"))
             if a.min() >= -m:
                 continue  # a word the filter never drops: the template, the end token
             drop = a < -m
-            print(f"  {word:10s} {len(rows):5d} {drop.mean():6.3f} {(a < -(m + error)).mean():8.3f} "
+            print(f"  {word:10s} {len(rows):5d} {drop.mean():6.3f} {(drop & rewarded).mean():6.3f} "
+                  f"{(a < -(m + error)).mean():8.3f} "
                   f"{a.mean():+7.3f} {np.quantile(a, 0.05):+7.3f} {pi.mean():6.3f} {pi[drop].mean():7.3f} "
                   f"{error.mean():6.3f} {error[drop].mean():6.3f}")
 

@@ -54,10 +54,10 @@ class Args:
     drop_margin: float = flag(0.25, "m: the exp filter drops a token (f = 0) whose A < -m return std, where "
                               "the critic is sure the policy does better; inside m it stays soft, so noise "
                               "on near-ties cannot drop the expert's token; inf: the plain exp filter")
-    spare_rewarded: bool = flag(True, "the margin never drops the tokens of a turn from which its episode "
-                                "went on to a positive reward: the data shows they can lead to success, so a "
-                                "drop there would rest on the critic's word alone; the soft weight still "
-                                "ranks them")
+    spare_rewarded: bool = flag(True, "offline steps: the margin never drops the tokens of a turn from which "
+                                "its episode went on to a positive reward: the data shows they can lead to "
+                                "success, so a drop there would rest on the critic's word alone; the soft "
+                                "weight still ranks them")
     gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
@@ -625,6 +625,8 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     # a majority whose episodes fail; it still does. But on expert data, in states the critic cannot read,
     # Q of the token the expert did not write is an action prior (the expert turns near its goal, so `turn`
     # looks better than `go`), and without this the margin dropped a quarter of the expert's `go` tokens.
+    # Online the agent's own samples hold the alternatives, and its first successes are random walks that
+    # vouch for little, so there the critic decides alone (`train_step`).
     spared = torch.repeat_interleave(batch["rewarded_after"] & args.spare_rewarded, turn_lengths).to(device)
     weights = torch.ones_like(advantage) if warmup else filter_weights(
         advantage, args.filter, args.beta, args.max_weight, args.drop_margin, spared)
@@ -967,6 +969,8 @@ def train_step(run: Run, args: Args, phase: str):
         raise KeyboardInterrupt
     batch = run.buffer.sample(run.rng, args.batch_turns, args.run_length,
                               args.solved_replay if phase == "online" else 0.0)
+    if phase == "online":  # --spare-rewarded acts on the offline steps only (see afsft_loss)
+        batch["rewarded_after"][:] = False
     warmup = run.step < int(args.sft_warmup * args.offline_steps)  # f = 1 while the critic first learns
     stats = gradient_step(run.agent, run.optimizer, batch, args, warmup, run.device, run.world)
     run.step += 1

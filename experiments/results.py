@@ -227,7 +227,8 @@ def chain(domain, dataset, seed, opt):
                 shutil.rmtree(online + ".tmp", ignore_errors=True)
                 shutil.copytree(os.path.join(where, "afsft"), online + ".tmp")
                 for name in ("eval.json", "cost.json"):  # the copy is not finished, and its cost is afsft's
-                    os.remove(os.path.join(online + ".tmp", name))
+                    if os.path.exists(os.path.join(online + ".tmp", name)):  # a run copied in has no cost.json
+                        os.remove(os.path.join(online + ".tmp", name))
                 os.replace(online + ".tmp", online)
             train(online, domain, data, seed, opt,
                   online_args(opt))

@@ -227,7 +227,7 @@ def chain(domain, dataset, seed, opt):
                 shutil.rmtree(online + ".tmp", ignore_errors=True)
                 shutil.copytree(os.path.join(where, "afsft"), online + ".tmp")
                 for name in ("eval.json", "cost.json"):  # the copy is not finished, and its cost is afsft's
-                    if os.path.exists(os.path.join(online + ".tmp", name)):  # a run copied in has no cost.json
+                    if os.path.exists(os.path.join(online + ".tmp", name)):  # one copied in may lack it
                         os.remove(os.path.join(online + ".tmp", name))
                 os.replace(online + ".tmp", online)
             train(online, domain, data, seed, opt,

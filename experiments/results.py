@@ -225,10 +225,9 @@ def chain(domain, dataset, seed, opt):
         if done and "afsft-online" in opt.methods:
             if not os.path.exists(online):
                 shutil.rmtree(online + ".tmp", ignore_errors=True)
-                shutil.copytree(os.path.join(where, "afsft"), online + ".tmp")
-                for name in ("eval.json", "cost.json"):  # the copy is not finished, and its cost is afsft's
-                    if os.path.exists(os.path.join(online + ".tmp", name)):  # one copied in may lack it
-                        os.remove(os.path.join(online + ".tmp", name))
+                # the copy is not finished, and its cost is afsft's (a run copied in may have no cost.json)
+                shutil.copytree(os.path.join(where, "afsft"), online + ".tmp",
+                                ignore=shutil.ignore_patterns("eval.json", "cost.json"))
                 os.replace(online + ".tmp", online)
             train(online, domain, data, seed, opt,
                   online_args(opt))

@@ -839,7 +839,7 @@ def load_resume_state(args: Args):
     checkpoint = os.path.join(args.resume, "checkpoint")
     state = saved_state(args.resume)
     saved = state["args"]
-    if saved["env"] != args.env or saved["model"] != args.model:
+    if not envs.same_env(saved["env"], args.env) or saved["model"] != args.model:
         fail(f"--resume {args.resume}: that run used --env {saved['env']} --model {saved['model']}")
     for key in ("finetune", "critic_head", "critic_rank", "critic_init"):
         setattr(args, key, saved[key])  # the saved weights' shapes, even where given again

@@ -767,6 +767,11 @@ GYM_CARDS = {"gym_cards/NumberLine-v0": NumberLine, "gym_cards/EZPoints-v0": EZP
              "gym_cards/Points24-v0": Points24, "gym_cards/Blackjack-v0": Blackjack}
 
 
+def same_env(a: str, b: str) -> bool:
+    """Whether two names, short or full, name the same env (`babyai` and `BabyAI-GoToRedBall-v0` do)."""
+    return SHORT_NAMES.get(a, a) == SHORT_NAMES.get(b, b)
+
+
 def env_id(name: str) -> str:
     """The full id of a short name or full id, or a ValueError that lists the names."""
     full = SHORT_NAMES.get(name, name)
@@ -879,8 +884,7 @@ def validate_dataset(data, path: str = "dataset", env_name: str | None = None) -
         raise DatasetError(f"{path}: format tag is not one of {', '.join(DATASET_FORMATS)}")
     if not isinstance(data.get("env"), str):
         raise DatasetError(f"{path}: field 'env' must be a string")
-    same_env = SHORT_NAMES.get(data["env"], data["env"]) == SHORT_NAMES.get(env_name, env_name)
-    if env_name is not None and not same_env:
+    if env_name is not None and not same_env(data["env"], env_name):
         raise DatasetError(f"{path}: collected on env {data['env']!r}, but --env is {env_name!r}")
     if not isinstance(data.get("options", {}), dict):
         raise DatasetError(f"{path}: field 'options' must be a dict")

@@ -831,8 +831,11 @@ def test_resume_continues_the_step_counter(tmp_path, dataset):
     # old one)
     assert state["args"]["lr"] == 3e-4 and {g["lr"] for g in state["optimizer"]["param_groups"]} == {3e-4}
     assert (state["args"]["filter"], state["args"]["beta"], state["args"]["offline"]) == ("exp", 3.0, dataset)
+    # the env's full id names the same env as its short name; another env is refused
+    full_name = run_cli("--resume", run, "--env", "BabyAI-GoToRedBall-v0", "--offline-steps", "8")
+    assert full_name.returncode == 0, full_name.stderr[-3000:]
     other = run_cli("--resume", run, "--env", "numberline", "--offline-steps", "0")
-    assert (other.returncode != 0 and "that run used --env babyai" in other.stderr
+    assert (other.returncode != 0 and "that run used --env" in other.stderr
             and "Traceback" not in other.stderr)
 
 

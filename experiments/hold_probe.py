@@ -1,6 +1,7 @@
 """hold_probe.py: does a run's hold on the action syntax reach states and prefixes its data never paired?
 
     python experiments/hold_probe.py RUN --states OTHER_DATA.pt [--turns 200]
+    python experiments/hold_probe.py RUN --greedy-episodes 20 [--turns 200]
 
 The grammar term of (6) holds pi(C_j|s_j), the mass on the tokens that may follow the response prefix y_<j,
 only at the prefixes the data wrote in each state. A greedy policy that picks another first word in a
@@ -8,6 +9,9 @@ state the data never held then continues from a prefix it was never held at ther
 `[action] turn`, then ` forward`, with a key ahead). This probe takes `--turns` states of another dataset
 (states RUN never trained on), teacher-forces every valid response of RUN's own dataset in each, and
 reports pi(C_j|s_j) at every token: the share of (state, response, token) below 0.5, and the worst.
+With `--greedy-episodes N` the states are instead those of RUN's own greedy evaluation episodes (afsft.py's
+held-out seeds, each distinct state once): the states where a break of the template itself (`[action go
+forward`, at a prefix every data state holds) shows, since no state of any dataset need be like them.
 """
 import argparse
 import collections
@@ -26,14 +30,23 @@ import envs  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
-    parser.add_argument("--states", required=True, help="a dataset whose states are held out from RUN")
+    parser.add_argument("--states", help="a dataset whose states are held out from RUN")
+    parser.add_argument("--greedy-episodes", type=int, default=0,
+                        help="instead, the states of RUN's own greedy evaluation episodes")
     parser.add_argument("--turns", type=int, default=200)
     args = parser.parse_args()
     agent, run_args, step = load_run(args.run)
     own = envs.load_dataset(run_args.offline, run_args.env)["episodes"]
     texts = sorted({ep["actions"][t] for ep in own for t in range(len(ep["actions"])) if ep["valid"][t]})
-    others = envs.load_dataset(args.states, run_args.env)["episodes"]
+    if bool(args.states) == bool(args.greedy_episodes):
+        parser.error("give one of --states and --greedy-episodes")
+    if args.states:
+        others = envs.load_dataset(args.states, run_args.env)["episodes"]
+    else:
+        others, _ = afsft.run_episodes(agent, run_args, args.greedy_episodes, 0.0, "cpu")
     states = [(envs.turn_image(ep, t), ep["prompts"][t]) for ep in others for t in range(len(ep["actions"]))]
+    if args.greedy_episodes:  # a stuck episode repeats its state to the time limit: count it once
+        states = list({(image.tobytes(), prompt): (image, prompt) for image, prompt in states}.values())
     states = states[:: max(1, len(states) // args.turns)][: args.turns]
     low, total, worst = collections.Counter(), 0, []
     for image, prompt in states:

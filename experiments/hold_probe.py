@@ -48,7 +48,7 @@ def main():
     if args.greedy_episodes:  # a stuck episode repeats its state to the time limit: count it once
         states = list({(image.tobytes(), prompt): (image, prompt) for image, prompt in states}.values())
     states = states[:: max(1, len(states) // args.turns)][: args.turns]
-    low, total, worst = collections.Counter(), 0, []
+    low, low_at, total, worst = collections.Counter(), collections.Counter(), 0, []
     for image, prompt in states:
         inputs, state_mask, tokens, lengths = afsft.encode(agent.processor, [image] * len(texts),
                                                            [prompt] * len(texts), texts)
@@ -64,12 +64,14 @@ def main():
             total += 1
             if p_set[n] < 0.5:
                 low[texts[turn_of[n]]] += 1
+                low_at[int(position[n])] += 1
             worst.append((p_set[n].item(), texts[turn_of[n]], int(position[n])))
     worst.sort()
     print(f"{args.run} (step {step}): {len(states)} held-out states x {len(texts)} valid responses; "
           f"pi(C_j|s_j) < 0.5 at {sum(low.values())} of {total} tokens ({sum(low.values()) / total:.4f}); "
           f"mean pi(C) {sum(w[0] for w in worst) / total:.4f}")
     print("  below 0.5, by response:", low.most_common(8))
+    print("  below 0.5, by token position (0 is the first):", sorted(low_at.items()))
     print("  worst:", [(f"{p:.3f}", text, j) for p, text, j in worst[:5]])
 
 

@@ -35,11 +35,11 @@ def main():
                         help="instead, the states of RUN's own greedy evaluation episodes")
     parser.add_argument("--turns", type=int, default=200)
     args = parser.parse_args()
+    if bool(args.states) == bool(args.greedy_episodes):
+        parser.error("give one of --states and --greedy-episodes")
     agent, run_args, step = load_run(args.run)
     own = envs.load_dataset(run_args.offline, run_args.env)["episodes"]
     texts = sorted({ep["actions"][t] for ep in own for t in range(len(ep["actions"])) if ep["valid"][t]})
-    if bool(args.states) == bool(args.greedy_episodes):
-        parser.error("give one of --states and --greedy-episodes")
     if args.states:
         others = envs.load_dataset(args.states, run_args.env)["episodes"]
     else:

@@ -7,8 +7,9 @@
 
 Each figure has one column per dataset and two rows: the greedy success rate and the valid-action rate (the
 share of turns whose text parsed as an action) against gradient steps, one line per method, the mean over
-seeds with a band of +- one standard deviation. The runs without a dataset (the prompted base, AFSFT online
-from the base) have their own column. An afsft-online line starts where its afsft run ended. The
+seeds with a band of +- one standard deviation, and a dashed line at the datasets' own success rate (the
+mean over the seeds' `data.pt`). The runs without a dataset (the prompted base, AFSFT online from the base)
+have their own column. An afsft-online line starts where its afsft run ended. The
 points are the `metrics.jsonl` lines that carry `eval/success_rate`: afsft.py's `--eval-every` evaluations (on
 half of `--eval-episodes`) and its final one, of finished runs only (those with an `eval.json`). matplotlib is
 an optional extra, needed only here (pip install matplotlib)."""
@@ -45,6 +46,14 @@ def curve(metrics_path, online_only=False):
     return points
 
 
+def data_success(root, domain, dataset):
+    """The mean success rate of the seeds' datasets root/<domain>/<dataset>/seed*/data.pt, or None."""
+    from results import dataset_rates  # needs torch; imported here so that the curves alone do not
+
+    paths = sorted(glob.glob(os.path.join(root, domain, dataset, "seed*", "data.pt")))
+    return float(np.mean([dataset_rates(path)[0] for path in paths])) if paths else None
+
+
 def load_runs(root):
     """{domain: {dataset: {method: [curve per seed]}}} from
     root/<domain>/<dataset>/seed*/<method>/metrics.jsonl, and from root/<domain>/seed*/<method>/metrics.jsonl
@@ -67,7 +76,7 @@ def load_runs(root):
     return runs
 
 
-def plot_domain(domain, datasets, out_path, title):
+def plot_domain(domain, datasets, out_path, title, root):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,6 +97,9 @@ def plot_domain(domain, datasets, out_path, title):
                 ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
+        baseline = data_success(root, domain, dataset) if dataset != NO_DATASET else None
+        if baseline is not None:
+            axes[0][column].axhline(baseline, color="black", ls="--", lw=1, label="the data")
         axes[0][column].set_title(dataset)
         axes[0][column].legend(fontsize=8)  # each column has its own methods
         axes[-1][column].set_xlabel("gradient steps")
@@ -115,7 +127,7 @@ def main():
             print(f"no metrics.jsonl with success rates under {root}")
         for domain, datasets in sorted(runs.items()):
             path = os.path.join(opt.out, f"{domain}.png" if len(roots) == 1 else f"{settings}-{domain}.png")
-            plot_domain(domain, datasets, path, domain + "\n" + textwrap.fill(settings, 50))
+            plot_domain(domain, datasets, path, domain + "\n" + textwrap.fill(settings, 50), root)
             print(f"wrote {path}")
     if not roots:
         print("no runs found: run experiments/results.py first")

@@ -48,7 +48,7 @@ def curve(metrics_path, online_only=False):
 
 def data_success(root, domain, dataset):
     """The mean success rate of the seeds' datasets root/<domain>/<dataset>/seed*/data.pt, or None."""
-    from results import dataset_rates  # needs torch; imported here so that the curves alone do not
+    from results import dataset_rates  # imported here: it brings torch, which the curves alone do not need
 
     paths = sorted(glob.glob(os.path.join(root, domain, dataset, "seed*", "data.pt")))
     return float(np.mean([dataset_rates(path)[0] for path in paths])) if paths else None

@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -101,6 +102,9 @@ class Args:
     lr: float = flag(1e-3, "AdamW learning rate")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "max gradient norm")
+    policy_average: float = flag(0.01, "the policy that is evaluated and saved is an EMA of the trained "
+                                 "weights at this rate per step, so about the last 1/rate steps; training "
+                                 "never reads it; 0: the last weights")
     batch_turns: int = flag(32, "turns per gradient step")
     run_length: int = flag(8, "consecutive turns of one episode sampled together (they bootstrap each other)")
     offline_steps: int = flag(1000, "gradient steps on the buffer before any interaction")
@@ -156,8 +160,10 @@ def check_args(args: Args):
     if not all(0 <= value <= 1 for value in (args.gamma, args.mc_mix, args.sft_warmup, args.explore,
                                              args.solved_replay)):
         return "--gamma, --mc-mix, --sft-warmup, --explore and --solved-replay must be in [0, 1]"
-    if not (0 < args.tau <= 1 and 0 <= args.popart_rate <= 1 and args.lr > 0 and args.online_lr > 0):
-        return "--tau must be in (0, 1], --popart-rate in [0, 1], and --lr and --online-lr > 0"
+    if not (0 < args.tau <= 1 and 0 <= min(args.popart_rate, args.policy_average) <= 1 and args.lr > 0
+            and args.online_lr > 0):
+        return ("--tau must be in (0, 1], --popart-rate and --policy-average in [0, 1], and --lr and "
+                "--online-lr > 0")
     if args.drop_margin < 0 or args.max_weight <= 0:
         return "--drop-margin must be >= 0 and --max-weight > 0"
     if min(args.batch_turns, args.run_length, args.num_envs, args.max_new_tokens) < 1:
@@ -786,6 +792,41 @@ def gradient_step(agent, optimizer, batch, args: Args, warmup: bool, device, wor
     return stats
 
 
+class PolicyAverage:
+    """The policy that is evaluated and saved: an average of the trained weights of the VLM (its adapters
+    under LoRA), their plain mean over the first 1/rate steps, then an EMA at `rate` (Polyak averaging).
+    The learner trains, acts online and resumes with its own weights; the average never feeds back. Why:
+    late in training the last weights can break the syntax in one state, and the greedy policy then repeats
+    that turn to the time limit (3 of 36 offline runs); the average over about the last 1/rate steps did not
+    in any of them (experiments/findings.md, sessions 44-45)."""
+
+    def __init__(self, vlm, rate):
+        self.trained = {name: p for name, p in vlm.named_parameters() if p.requires_grad} if rate else {}
+        self.average = {name: p.detach().clone() for name, p in self.trained.items()}
+        self.rate, self.updates = rate, 0
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        for name, p in self.trained.items():
+            self.average[name].lerp_(p, max(self.rate, 1 / self.updates))
+
+    @contextmanager
+    def in_place(self):
+        """The average in the trained weights' place (to evaluate or save it), then the trained weights
+        back."""
+        trained = {name: p.detach().clone() for name, p in self.trained.items()}
+        with torch.no_grad():
+            for name, p in self.trained.items():
+                p.copy_(self.average[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.trained.items():
+                    p.copy_(trained[name])
+
+
 # --- A run's state, and its checkpoint (written to a temporary folder, then renamed into place) -------------
 @dataclass
 class Run:
@@ -793,6 +834,7 @@ class Run:
 
     agent: nn.Module
     optimizer: torch.optim.Optimizer
+    average: PolicyAverage
     buffer: Buffer
     rng: np.random.Generator
     device: torch.device
@@ -815,9 +857,13 @@ class Run:
 def save_checkpoint(args: Args, run: Run):
     final, tmp = os.path.join(args.out, "checkpoint"), os.path.join(args.out, "checkpoint.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    # the adapters only: the language head's own weights are frozen, so they are not saved again
-    run.agent.policy.save_pretrained(os.path.join(tmp, "policy"), save_embedding_layers=False)
+    # policy/ is the policy that is evaluated, the average; the trained weights go to state.pt, for --resume.
+    # The adapters only: the language head's own weights are frozen, so they are not saved again
+    with run.average.in_place():
+        run.agent.policy.save_pretrained(os.path.join(tmp, "policy"), save_embedding_layers=False)
+    trained = {name: p.detach() for name, p in run.average.trained.items()}
     torch.save({"critic": run.agent.critic.state_dict(), "target": run.agent.target.state_dict(),
+                "trained_policy": trained, "average_updates": run.average.updates,
                 "args": asdict(args), "optimizer": run.optimizer.state_dict(), "step": run.step,
                 "rng": {"torch": torch.get_rng_state(), "numpy": run.rng.bit_generator.state}},
                os.path.join(tmp, "state.pt"))
@@ -857,14 +903,23 @@ def load_resume_state(args: Args):
 
 
 def restore(run: Run, resumed: dict, args: Args):
-    """Continue a saved run: the heads, the optimizer, the step, and rank 0's random streams and online
-    episodes."""
+    """Continue a saved run: the heads, the policy's trained weights and their average, the optimizer, the
+    step, and rank 0's random streams and online episodes."""
     try:
         run.agent.critic.load_state_dict(resumed["critic"])
         run.agent.target.load_state_dict(resumed["target"])
     except RuntimeError as err:  # a checkpoint of an afsft.py whose critic head differs
         fail(f"--resume {args.resume}: its critic head does not fit this afsft.py "
              f"({str(err).splitlines()[0]})")
+    # the model was loaded from policy/, the average, which goes on from there; the learner goes on from
+    # its own weights
+    run.average = PolicyAverage(run.agent.vlm, args.policy_average)
+    run.average.updates = resumed.get("average_updates", 0)
+    trained = resumed.get("trained_policy", {})  # none in a checkpoint of an afsft.py before the average
+    with torch.no_grad():
+        for name, p in run.agent.vlm.named_parameters():
+            if name in trained:
+                p.copy_(trained[name])
     run.optimizer.load_state_dict(resumed["optimizer"])
     for group in run.optimizer.param_groups:  # the loaded state holds the old run's lr; the flags given win
         group.update(lr=args.lr, weight_decay=args.weight_decay)
@@ -945,8 +1000,8 @@ def setup(args: Args) -> Run:
     agent, optimizer = build_agent(args, resumed, device, world)
     # each rank trains on its shard
     buffer = Buffer(dataset["episodes"][rank::world] if dataset else [], args.gamma)
-    run = Run(agent, optimizer, buffer, np.random.default_rng(args.seed), device, rank, world,
-              num_offline=len(buffer.episodes))
+    run = Run(agent, optimizer, PolicyAverage(agent.vlm, args.policy_average), buffer,
+              np.random.default_rng(args.seed), device, rank, world, num_offline=len(buffer.episodes))
     if resumed:
         restore(run, resumed, args)
     if run.step < args.offline_steps and not buffer.episodes:
@@ -973,6 +1028,7 @@ def train_step(run: Run, args: Args, phase: str):
         batch["rewarded_after"][:] = False
     warmup = run.step < int(args.sft_warmup * args.offline_steps)  # f = 1 while the critic first learns
     stats = gradient_step(run.agent, run.optimizer, batch, args, warmup, run.device, run.world)
+    run.average.update()
     run.step += 1
     evaluating = args.eval_every and run.step % args.eval_every == 0
     if run.master and (run.step % args.log_every == 0 or run.step == total_steps(args) or evaluating):
@@ -983,7 +1039,8 @@ def train_step(run: Run, args: Args, phase: str):
             stats.update({f"rollout/{key}": value for key, value in rollouts.items()})
             run.new_episodes = []
         if evaluating:
-            result = evaluate(run.agent, args, max(args.eval_episodes // 2, 1), run.device)
+            with run.average.in_place():
+                result = evaluate(run.agent, args, max(args.eval_episodes // 2, 1), run.device)
             stats.update({f"eval/{key}": value for key, value in result.items()})
         print(json.dumps(stats), file=run.log, flush=True)
     if run.master and run.step % args.save_every == 0:
@@ -1012,7 +1069,8 @@ def finish(run: Run, args: Args):
     if not run.master:
         return {}
     save_checkpoint(args, run)
-    result = evaluate(run.agent, args, args.eval_episodes, run.device) if args.eval_episodes else {}
+    with run.average.in_place():
+        result = evaluate(run.agent, args, args.eval_episodes, run.device) if args.eval_episodes else {}
     if result:
         logged = {f"eval/{key}": value for key, value in result.items()}
         print(json.dumps({"step": run.step, "phase": "eval", **logged}), file=run.log)

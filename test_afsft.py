@@ -227,6 +227,56 @@ def test_return_statistics_average_the_first_batches_then_move_at_the_rate(tiny)
     agent.target.load_state_dict(saved)
 
 
+def test_policy_average_is_the_mean_of_the_first_steps_then_an_ema_and_swaps_back():
+    layer = nn.Linear(1, 1, bias=False)
+    layer.requires_grad_(True)
+    average = afsft.PolicyAverage(layer, rate=0.25)
+    for w in (1.0, 3.0, 5.0, 7.0, 9.0):  # the trained weight after each of five steps
+        with torch.no_grad():
+            layer.weight.fill_(w)
+        average.update()
+        if w == 7.0:  # updates 1-4: 1/n >= rate, the plain mean of 1, 3, 5, 7
+            assert average.average["weight"].item() == pytest.approx(4.0)
+    assert average.average["weight"].item() == pytest.approx(4.0 + 0.25 * (9.0 - 4.0))  # then the EMA
+    with pytest.raises(RuntimeError), average.in_place():  # evaluated in place, even a failure swaps back
+        assert layer.weight.item() == pytest.approx(5.25)
+        raise RuntimeError
+    assert layer.weight.item() == 9.0
+    off = afsft.PolicyAverage(layer, rate=0.0)  # --policy-average 0: the last weights
+    off.update()
+    with off.in_place():
+        assert layer.weight.item() == 9.0
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_with_the_policy_and_average_of_one_run_straight(tmp_path, dataset):
+    """policy/ holds the average (what eval.json measures), state.pt the trained weights; a resume restores
+    both. (A resume is not bit for bit: its weights differ from the straight run's by about 5e-6, while the
+    average and the trained weights differ by about 2e-3.)"""
+    from safetensors.torch import load_file
+    flags = ["--offline", dataset, "--eval-episodes", "0", "--policy-average", "0.3", *SMALL]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    for argv in (["--out", straight, "--offline-steps", "6"], ["--out", split, "--offline-steps", "3"],
+                 ["--resume", split, "--offline-steps", "6"]):
+        result = run_cli(*flags, *argv)
+        assert result.returncode == 0, result.stderr[-3000:]
+    ends = []
+    for run in (straight, split):
+        state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
+        policy = load_file(os.path.join(run, "checkpoint", "policy", "adapter_model.safetensors"))
+        # the adapters' names in policy/ are peft's, without the adapter's name
+        trained = state["trained_policy"]
+        average = {k: policy["base_model.model." + k.replace(".default", "")] for k in trained}
+        ends.append((state["average_updates"], trained, average))
+    (updates, trained, average), (resumed_updates, resumed_trained, resumed_average) = ends
+    assert updates == resumed_updates == 6 and len(trained) == len(resumed_trained) > 0
+
+    def close(a, b):
+        return all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
+    assert close(trained, resumed_trained) and close(average, resumed_average)
+    assert not close(average, trained)  # the average lags the trained weights
+
+
 def test_the_critic_moves_the_trunk_from_valid_turns_only(tiny):
     """--critic-trunk valid: the critic's loss on turns the env rejected trains its head, not the VLM; all
     (the paper's) trains both. Every turn here is invalid, so the actor adds nothing to the VLM's gradient."""

@@ -64,7 +64,7 @@ class Args:
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
     # what makes the critic robust (the paper's plain form: --filter binary --popart-rate 0 --baseline all
     # --critic-init lm --mc-mix 0 --no-grammar --imitate-invalid --no-skip-unchanged --critic-trunk all
-    # --online-lr 1e-3 --explore 0 --solved-replay 0)
+    # --online-lr 1e-3 --explore 0 --solved-replay 0 --policy-average 0)
     popart_rate: float = flag(3e-3, "EMA rate of the return statistics the critic learns in (PopArt); "
                               "0: the critic learns in reward units")
     baseline: str = flag("seen", "V(s) = sum pi Q over the tokens some batch has held (seen) or over the "

@@ -911,9 +911,8 @@ def restore(run: Run, resumed: dict, args: Args):
     except RuntimeError as err:  # a checkpoint of an afsft.py whose critic head differs
         fail(f"--resume {args.resume}: its critic head does not fit this afsft.py "
              f"({str(err).splitlines()[0]})")
-    # the model was loaded from policy/, the average, which goes on from there; the learner goes on from
-    # its own weights
-    run.average = PolicyAverage(run.agent.vlm, args.policy_average)
+    # the model was loaded from policy/, so run.average (built from it) goes on from the saved average; the
+    # learner goes on from its own weights
     run.average.updates = resumed.get("average_updates", 0)
     trained = resumed.get("trained_policy", {})  # none in a checkpoint of an afsft.py before the average
     with torch.no_grad():

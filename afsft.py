@@ -2,9 +2,10 @@
 
 The method of "VLM Q-Learning: Aligning Vision-Language Models for Interactive
 Decision-Making" (Grigsby, Zhu, Ryoo, Niebles, 2025). A VLM with LoRA adapters
-gets a second output head, a critic Q(s, .) over the vocabulary, learned by
-TD; the policy imitates each response token with a weight f(A) of its
-advantage (by default min(exp(A), 3), 0 where A < -0.25 unless the turn went
+gets a second output head, a critic Q(s, .) over the vocabulary, learned from
+TD targets (by default the Monte-Carlo return where the episode ended); the
+policy imitates each response token with a weight f(A) of its advantage (by
+default min(exp(A), 3), 0 where A < -0.25 unless the turn went
 on to a positive reward, and 0 on turns the env rejected; the paper's binary
 filter 1[A > 0] is a flag). With `--filter none` it is plain SFT. The
 equations cited as (1)-(6) are written out in the README's method section.
@@ -46,7 +47,7 @@ def flag(default, help, **kw):
 
 @dataclass
 class Args:
-    # the method, as the paper has it
+    # the method: the filter f(A) and the critic's targets (the paper's plain form is below)
     filter: str = flag("exp", "advantage filter f(A): exp min(exp(beta A), w_max) 1[A>-m], binary 1[A>0], "
                        "none = SFT", choices=["exp", "binary", "none"])
     beta: float = flag(1.0, "temperature of the exp filter, on A in units of the return's std (PopArt)")
@@ -138,7 +139,7 @@ class Args:
     resume: str = flag("", "continue the run saved in this directory, with its flags but those given again")
     seed: int = flag(0, "seed of the model, sampling and environments")
     eval_episodes: int = flag(50, "greedy evaluation episodes at the end")
-    eval_every: int = flag(0, "also evaluate every N steps (0: only at the end)")
+    eval_every: int = flag(0, "also evaluate every N steps, on half the --eval-episodes (0: only at the end)")
     eval_temperature: float = flag(0.0, "0 decodes greedily")
     log_every: int = flag(25, "write a metrics.jsonl line every N steps")
     save_every: int = flag(500, "write the checkpoint every N steps (and at the end)")
@@ -326,10 +327,10 @@ def load_agent(args: Args, model_path: str, policy_dir: str = ""):
         vlm.requires_grad_(False)
         if policy_dir:
             vlm = PeftModel.from_pretrained(vlm, policy_dir, is_trainable=True)
-        # every linear layer of the language model (the decoder) and its language head, none of the vision
-        # tower or projector. The head's adapter lets the policy raise tokens the base never wrote (such as
-        # `action`): with the head frozen they stayed at 2.5 nats after 500 SFT steps.
         else:
+            # every linear layer of the language model (the decoder) and its language head, none of the
+            # vision tower or projector. The head's adapter lets the policy raise tokens the base never wrote
+            # (such as `action`): with the head frozen they stayed at 2.5 nats after 500 SFT steps.
             decoder, head = set(map(id, vlm.get_decoder().modules())), vlm.get_output_embeddings()
             names = [n for n, m in vlm.named_modules()
                      if isinstance(m, nn.Linear) and (id(m) in decoder or m is head)]
@@ -449,7 +450,7 @@ class Buffer:
         return batch
 
 
-# --- Losses: pure functions of tensors. ---------------------------------------------------------------------
+# --- Losses: targets, filter, actor and critic. -------------------------------------------------------------
 # Token n of the flattened batch is the state s_j of some turn; `is_last` marks j = l, the turn's final token.
 def state_values(logits, q, seen=None):
     """(2) V(s) = sum_a pi(a|s) Q(s, a), the exact expectation over the vocabulary. With `seen`, pi is
@@ -611,9 +612,9 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     agent.critic.seen[tokens] = True  # the tokens some batch has held, on any rank: the baseline of (2)
     agent.critic.seen |= sum_over_ranks(agent.critic.seen.float()) > 0
     seen = agent.critic.seen if args.baseline == "seen" else None
-    pi = logits.detach()
+    policy_logits = logits.detach()
     with torch.no_grad():  # (3), in return units
-        v_bar = agent.target.to_returns(state_values(pi, agent.target(h_critic), seen))  # Vbar: the EMA head
+        v_bar = agent.target.to_returns(state_values(policy_logits, agent.target(h_critic), seen))  # EMA head
         is_last, v_next, has_target = next_turn_values(agent, batch, v_bar, turn_lengths, seen, device)
         not_done = (~batch["done"]).float().to(device)
         mc_weight = args.mc_mix * batch["has_return"].float().to(device)
@@ -625,7 +626,7 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     q_taken = q.gather(1, tokens[:, None])[:, 0]
     # (1), (2) in units of the return's std. Where the policy is sure of y, A = (1 - pi(y)) (Q(y) - mean Q
     # of the rest) is near 0, and the exp filter keeps SFT's weight.
-    advantage = (q_taken - state_values(pi, q, seen)).detach()
+    advantage = (q_taken - state_values(policy_logits, q, seen)).detach()
     # The margin's drop is a hard verdict, so it takes a second witness: the data. A turn from which its own
     # episode went on to a positive reward is spared (it keeps the soft weight). The drop exists to overturn
     # a majority whose episodes fail; it still does. But on expert data, in states the critic cannot read,
@@ -639,7 +640,8 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     if not args.imitate_invalid:
         # Text the env rejected earns -p and leaves the state as it was: Q = -p + gamma V(s), so its exact A
         # = -p - (1 - gamma) V(s) is negative wherever V(s) > -p / (1 - gamma). The critic only learns it
-        # roughly (about -0.5 return std, which exp keeps at 0.6), so the actor takes the sign from the env.
+        # roughly (about -0.5 return std: past the margin, but a spared turn keeps exp's 0.6), so the actor
+        # takes the sign from the env.
         valid_token = torch.repeat_interleave(batch["valid"].float(), turn_lengths).to(device)
         weights = weights * valid_token
     if args.skip_unchanged:
@@ -656,7 +658,7 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     else:
         actor = actor_loss(logp_taken, weights, turn_lengths)
     critic = critic_loss(q_taken, agent.critic.normalise(targets), has_target)  # (4), normalised
-    loss = actor + args.critic_coef * critic  # (5) + c (4)
+    loss = actor + args.critic_coef * critic  # (6), or (5) with --no-grammar, + c (4)
     q_returns = agent.critic.to_returns(q_taken.detach())
     td_error = ((q_returns - targets).abs() * has_target).sum() / has_target.sum().clamp(min=1)
     return loss, {"losses/total": loss.item(), "losses/actor": actor.item(), "losses/critic": critic.item(),
@@ -759,12 +761,12 @@ def evaluate(agent, args: Args, episodes, device, seed=10**6):
 
 
 # --- One gradient step --------------------------------------------------------------------------------------
-def on_all_ranks(flag, device, world):
+def on_all_ranks(condition, device, world):
     """A decision every rank takes together, or one would wait forever in all_reduce."""
-    flag = torch.tensor(float(bool(flag)), device=device)
+    agreed = torch.tensor(float(bool(condition)), device=device)
     if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return bool(agreed)
 
 
 def gradient_step(agent, optimizer, batch, args: Args, warmup: bool, device, world=1):
@@ -858,7 +860,7 @@ def save_checkpoint(args: Args, run: Run):
     final, tmp = os.path.join(args.out, "checkpoint"), os.path.join(args.out, "checkpoint.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # policy/ is the policy that is evaluated, the average; the trained weights go to state.pt, for --resume.
-    # The adapters only: the language head's own weights are frozen, so they are not saved again
+    # With LoRA the adapters only: the language head's own weights are frozen, so they are not saved again
     with run.average.in_place():
         run.agent.policy.save_pretrained(os.path.join(tmp, "policy"), save_embedding_layers=False)
     trained = {name: p.detach() for name, p in run.average.trained.items()}

@@ -690,9 +690,10 @@ def make_env(args: Args):
 class Rollout:
     """--num-envs envs stepped together; finished episodes come out in the dataset's episode layout."""
 
-    def __init__(self, args: Args, seed: int):
+    def __init__(self, args: Args, seed: int, held_out=False):
         self.envs = [make_env(args) for _ in range(args.num_envs)]
-        self.seeds = iter(range(seed, 2**31))
+        # episode seeds seed, seed + 1, ...; a rollout that trains skips the evaluation's (envs.training_seed)
+        self.seeds = iter(range(seed, 2**31)) if held_out else map(envs.training_seed, range(seed, 2**31))
         # each env's open episode was reset with this
         self.episode_seeds = [next(self.seeds) for _ in self.envs]
         self.obs = [env.reset(seed=s)[0] for env, s in zip(self.envs, self.episode_seeds)]
@@ -730,11 +731,11 @@ class Rollout:
             env.close()
 
 
-def run_episodes(agent, args: Args, episodes, temperature, device, seed=10**6):
+def run_episodes(agent, args: Args, episodes, temperature, device, seed=envs.EVAL_SEED):
     """The finished episodes of exactly the seeds seed .. seed+episodes-1, and the env's success test. Not the
     first episodes to finish: those are the short ones, a biased sample."""
     agent.eval()
-    rollout, done = Rollout(replace(args, num_envs=min(args.num_envs, episodes)), seed), {}
+    rollout, done = Rollout(replace(args, num_envs=min(args.num_envs, episodes)), seed, held_out=True), {}
     while len(done) < episodes:
         for ep in rollout.step(agent, args, temperature, device):
             if ep["seed"] < seed + episodes:
@@ -755,8 +756,8 @@ def episode_stats(done, success):
             "mean_return": float(np.mean(returns)), "episodes": len(done)}
 
 
-def evaluate(agent, args: Args, episodes, device, seed=10**6):
-    """episode_stats of `episodes` episodes on held-out seeds."""
+def evaluate(agent, args: Args, episodes, device, seed=envs.EVAL_SEED):
+    """episode_stats of `episodes` episodes on held-out seeds: no dataset or online rollout plays them."""
     return episode_stats(*run_episodes(agent, args, episodes, args.eval_temperature, device, seed))
 
 

@@ -808,6 +808,18 @@ INVALID_TEXTS = ["I am not sure what to do.", "[action] jump", "[action]", "move
                  "[action] turn"]
 
 
+# Episode seeds: evaluation plays EVAL_SEED, EVAL_SEED + 1, ... (afsft.py's `evaluate`), and everything that
+# trains (a dataset, the online rollouts) skips that block, so the evaluation is held out whatever --seed is.
+EVAL_SEED = EVAL_BLOCK = 10**6
+
+
+def training_seed(n: int) -> int:
+    """The n-th episode seed that training may use: n, or n moved past the evaluation block once n reaches
+    it (a dataset of `--seed 10` starts at 10 * 100_003, inside it). One-to-one, and the identity below
+    EVAL_SEED, so datasets of seeds 0-9 are as they were."""
+    return n + EVAL_BLOCK if n >= EVAL_SEED else n
+
+
 def collect_episode(env: TextActionEnv, policy: str, rng: np.random.Generator, seed: int,
                     invalid_rate: float = 0.2, expert_fraction: float = 0.3) -> dict:
     """Run one episode of a scripted policy; its images are one uint8 [T,H,W,3] tensor (see `compress`)."""
@@ -925,7 +937,7 @@ def collect(args) -> list:
     env = make_env(args.env, scheme=args.scheme, **({"text_view": True} if args.text_view else {}))
     rng = np.random.default_rng(args.seed)
     try:
-        episodes = [collect_episode(env, args.policy, rng, seed=args.seed * 100_003 + i,
+        episodes = [collect_episode(env, args.policy, rng, seed=training_seed(args.seed * 100_003 + i),
                                     invalid_rate=args.invalid_rate, expert_fraction=args.expert_fraction)
                     for i in range(args.episodes)]
     finally:

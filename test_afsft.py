@@ -1020,6 +1020,25 @@ def test_evaluate_scores_exactly_the_held_out_seeds_however_long_their_episodes(
     assert result["success_rate"] == 0.5 and result["mean_return"] == 0.5 and result["episodes"] == 8
 
 
+def test_training_never_plays_the_evaluation_seeds(monkeypatch):
+    # the block is skipped one-to-one, and the seeds below it are as they were
+    assert [envs.training_seed(n) for n in (0, 999_999, 10**6, 10**6 + 49)] == [0, 999_999, 2 * 10**6,
+                                                                               2 * 10**6 + 49]
+    # a dataset of --seed 10 starts inside the block (10 * 100_003); it must not hold an evaluated episode
+    played, collect_episode = [], envs.collect_episode
+    monkeypatch.setattr(envs, "collect_episode", lambda *a, seed, **kw: played.append(seed)
+                        or collect_episode(*a, seed=seed, **kw))
+    envs.collect(types.SimpleNamespace(env="numberline", scheme="tag", text_view=False, policy="random",
+                                       seed=10, episodes=25, invalid_rate=0.2, expert_fraction=0.3))
+    assert len(played) == 25 and not set(played) & set(range(envs.EVAL_SEED, envs.EVAL_SEED + 50))
+    # online rollouts skip it too; the evaluation plays exactly its seeds
+    monkeypatch.setattr(afsft, "make_env", lambda args: SeedLengthEnv())
+    args = afsft.Args(num_envs=2)
+    assert afsft.Rollout(args, seed=envs.EVAL_SEED - 1).episode_seeds == [envs.EVAL_SEED - 1, 2 * 10**6]
+    assert afsft.Rollout(args, envs.EVAL_SEED - 1, held_out=True).episode_seeds == [envs.EVAL_SEED - 1,
+                                                                                   envs.EVAL_SEED]
+
+
 @pytest.mark.slow
 def test_same_seed_gives_the_same_losses(tmp_path, dataset):
     losses = []

@@ -1063,8 +1063,8 @@ def test_results_table_runs_every_column_then_skips_what_finished(tmp_path):
     assert "train numberline/random/seed0/sft" in first.stdout
     lines = (tmp_path / "results.md").read_text().splitlines()
     row = [line for line in lines if line.startswith("| NumberLine")]
-    # task, dataset, seeds, the dataset, prompted base, SFT, expert, RL4VLM
-    assert len(row) == 1 and row[0].count("|") == 9
+    # task, dataset, seeds, the dataset, prompted base, SFT, expert (on the evaluation's episode), RL4VLM
+    assert len(row) == 1 and row[0].count("|") == 9 and row[0].split("|")[7].strip() == "1.00"
     again = run_cli(*cell, script=script)
     assert again.returncode == 0 and "train " not in again.stdout and "collect " not in again.stdout
 

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from critic_probe import load_run  # noqa: E402
 
 import afsft  # noqa: E402
+import envs  # noqa: E402
 
 
 def top_tokens(agent, obs, prefix, k=3):
@@ -39,7 +40,7 @@ def main():
     args = parser.parse_args()
     agent, run_args, step = load_run(args.run)
     texts = collections.Counter()
-    for seed in range(10**6, 10**6 + args.episodes):
+    for seed in range(envs.EVAL_SEED, envs.EVAL_SEED + args.episodes):  # the evaluation's episodes
         env = afsft.make_env(run_args)
         obs, _ = env.reset(seed=seed)
         for _ in range(1000):

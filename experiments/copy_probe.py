@@ -179,7 +179,7 @@ def main():
     for name in ENVS:
         env = envs.make_env(name)
         for seed in range(10):
-            env_prompts.append((name, env, env.reset(seed=10**6 + seed)[0]["prompt"]))
+            env_prompts.append((name, env, env.reset(seed=envs.EVAL_SEED + seed)[0]["prompt"]))
     action_id = tokenizer.convert_tokens_to_ids("action")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 200))

@@ -146,11 +146,15 @@ def collect(domain, dataset_args, episodes, seed, out):
     return code == 0
 
 
+def expert_path(domain, opt):
+    return os.path.join(opt.root, domain, f"expert-eval{opt.eval_episodes}.json")
+
+
 def expert(domain, opt):
     """The scripted expert's success on the episodes afsft.py evaluates on (seeds envs.EVAL_SEED, ...), so
     that its column compares like with like: on Blackjack's 50 evaluation hands it wins 0.46, on 1,000
     others 0.41. Written once to expert-eval<N>.json; returns True when it is there."""
-    path = os.path.join(opt.root, domain, f"expert-eval{opt.eval_episodes}.json")
+    path = expert_path(domain, opt)
     if os.path.exists(path):
         return True
     _, name, text_view = DOMAINS[domain]
@@ -328,8 +332,8 @@ def table(opt):
              + " | expert | RL4VLM |", "|---" * (len(columns) + 5) + "|"]
     header_lines = len(lines)
     for domain in opt.domains:
-        expert_eval = os.path.join(opt.root, domain, f"expert-eval{opt.eval_episodes}.json")
-        expert = f"{read_json(expert_eval)['success_rate']:.2f}" if os.path.exists(expert_eval) else "-"
+        path = expert_path(domain, opt)
+        expert_rate = f"{read_json(path)['success_rate']:.2f}" if os.path.exists(path) else "-"
         theirs = f"{RL4VLM[domain] / 100:.3f}" if domain in RL4VLM else ""
         for dataset in opt.datasets:
             wheres = [os.path.join(opt.root, domain, dataset, f"seed{seed}") for seed in range(opt.seeds)]
@@ -337,7 +341,7 @@ def table(opt):
             if any(results):  # a task and dataset that nothing has run on is left out
                 seeds = max(map(len, results))
                 lines.append(f"| {DOMAINS[domain][0]} | {dataset} | {seeds} | "
-                             + " | ".join(cell(r, seeds) for r in results) + f" | {expert} | {theirs} |")
+                             + " | ".join(cell(r, seeds) for r in results) + f" | {expert_rate} | {theirs} |")
     if len(lines) == header_lines:
         lines.append("| (no finished runs yet) |")
     return "\n".join(lines) + "\n"

@@ -60,6 +60,10 @@ class Args:
                                 "its episode went on to a positive reward: the data shows they can lead to "
                                 "success, so a drop there would rest on the critic's word alone; the soft "
                                 "weight still ranks them")
+    drop_failed: bool = flag(True, "offline steps: the margin also drops the tokens of a turn from which its "
+                             "episode never went on to a positive reward, unless the critic is sure they "
+                             "beat the policy (A > m): the data testifies against them, so on mixed data the "
+                             "filter keeps at least what filtered BC keeps")
     gamma: float = flag(0.9, "discount per turn (tokens inside a turn are not discounted)")
     tau: float = flag(0.005, "EMA rate of the target critic head")
     critic_coef: float = flag(1.0, "c in L = L_actor + c L_critic")
@@ -122,9 +126,11 @@ class Args:
     explore: float = flag(0.1, "share of the online replies the env would reject that are replaced by a "
                           "uniformly random action of its list: without it, a base that writes no valid "
                           "action never gives the actor a turn to imitate")
-    solved_replay: float = flag(0.5, "share of each online batch drawn from episodes that earned a positive "
-                                "reward: early online successes are rare and would otherwise be a vanishing "
-                                "share of a growing buffer (self-imitation); 0: every episode by length")
+    solved_replay: float = flag(0.5, "share of each online batch, and offline under --drop-failed, drawn "
+                                "from episodes that earned a positive reward: online successes are rare "
+                                "early and would otherwise be a vanishing share of a growing buffer "
+                                "(self-imitation); offline they are the turns the filter keeps; 0: every "
+                                "episode by length")
     max_new_tokens: int = flag(24, "longest response, in tokens (longer dataset responses are cut)")
     # the env and its prompt
     env: str = flag("babyai", "short name (babyai, ...) or a full id such as BabyAI-GoToLocal-v0")
@@ -440,6 +446,7 @@ class Buffer:
             for e, t, _ in turns])
         batch["has_return"] = torch.tensor([eps[e]["terminated"] for e, _, _ in turns])
         batch["rewarded_after"] = torch.tensor([bool((eps[e]["rewards"][t:] > 0).any()) for e, t, _ in turns])
+        batch["failed_after"] = ~batch["rewarded_after"]
         batch["valid"] = torch.tensor([bool(eps[e]["valid"][t]) for e, t, _ in turns])
         batch["unchanged"] = torch.tensor([changed_nothing(eps[e], t) for e, t, _ in turns])
         # where turn i's successor value lives: the next turn in the batch, a bootstrap prompt, or nowhere
@@ -478,17 +485,21 @@ def critic_loss(q_taken, targets, mask):
     return ((q_taken - targets) ** 2 * mask).sum() / mask.sum().clamp(min=1)
 
 
-def filter_weights(advantage, kind, beta=1.0, max_weight=3.0, drop_margin=float("inf"), spared=None):
+def filter_weights(advantage, kind, beta=1.0, max_weight=3.0, drop_margin=float("inf"), spared=None,
+                   condemned=None):
     """f(A): exp min(exp(beta A), w_max) 1[A > -m], binary 1[A > 0], or none (f = 1: SFT). exp is 1 at
     A = 0, so a token the policy is sure of (where A is near 0, see `afsft_loss`) keeps its SFT weight
     whatever the sign of the critic's noise; binary would drop it half the time. But a soft weight
     alone never overturns a data majority of p to 1 unless beta dQ > ln p (the policy's fixed point is
     pi ∝ mu exp(beta Q)), so past the margin m, where the critic is sure, it drops the token as binary
-    does, except where `spared` (a bool per token) says the data vouches for it."""
+    does, except where `spared` (a bool per token) says the data vouches for it. Where `condemned` says
+    the data testifies against it, the token is dropped unless the critic is sure of the opposite, A > m."""
     if kind == "exp":
         kept = advantage > -drop_margin
         if spared is not None:
             kept = kept | spared
+        if condemned is not None:
+            kept = kept & (~condemned | (advantage > drop_margin))
         return torch.exp(beta * advantage).clamp(max=max_weight) * kept
     return (advantage > 0).float() if kind == "binary" else torch.ones_like(advantage)
 
@@ -632,11 +643,18 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     # a majority whose episodes fail; it still does. But on expert data, in states the critic cannot read,
     # Q of the token the expert did not write is an action prior (the expert turns near its goal, so `turn`
     # looks better than `go`), and without this the margin dropped a quarter of the expert's `go` tokens.
+    # The witness also speaks against: a turn from which its episode never went on to a positive reward is
+    # dropped unless the critic is sure it beats the policy (A > m). On mixed data most of those are the
+    # noise's, and a soft weight capped at w_max cannot overturn its majority of about 7 to 1 (see
+    # `filter_weights`): keeping only the successful episodes ("filtered BC") beat the critic alone on every
+    # seed of BabyAI's mixed-0.1 rows (experiments/findings.md, session 48). The critic still ranks the
+    # kept tokens, and can keep a failed episode's move it is sure of (random data).
     # Online the agent's own samples hold the alternatives, and its first successes are random walks that
     # vouch for little, so there the critic decides alone (`train_step`).
     spared = torch.repeat_interleave(batch["rewarded_after"] & args.spare_rewarded, turn_lengths).to(device)
+    condemned = torch.repeat_interleave(batch["failed_after"] & args.drop_failed, turn_lengths).to(device)
     weights = torch.ones_like(advantage) if warmup else filter_weights(
-        advantage, args.filter, args.beta, args.max_weight, args.drop_margin, spared)
+        advantage, args.filter, args.beta, args.max_weight, args.drop_margin, spared, condemned)
     if not args.imitate_invalid:
         # Text the env rejected earns -p and leaves the state as it was: Q = -p + gamma V(s), so its exact A
         # = -p - (1 - gamma) V(s) is negative wherever V(s) > -p / (1 - gamma). The critic only learns it
@@ -1020,14 +1038,23 @@ def setup(args: Args) -> Run:
 
 
 # --- Train loop: offline steps, then online rounds, then evaluation -----------------------------------------
+def solved_share(args: Args, phase: str):
+    """The share of a batch drawn from rewarded episodes. Online, --solved-replay. Offline, where the filter
+    drops the turns of failed episodes, the rewarded episodes' turns are what the actor learns from: at the
+    data's rate (0.13 of GoToRedBall mixed-0.1's episodes) most batches held none. SFT, and AFSFT without
+    --drop-failed, sample the data as it is."""
+    drops_failed = args.drop_failed and args.filter == "exp"
+    return args.solved_replay if phase == "online" or drops_failed else 0.0
+
+
 def train_step(run: Run, args: Args, phase: str):
     """One gradient step, then what is due at it: a metrics line, an evaluation, a checkpoint."""
     if run.interrupted:  # Ctrl-C, raised here: inside a library's finalizer it would be lost
         raise KeyboardInterrupt
-    batch = run.buffer.sample(run.rng, args.batch_turns, args.run_length,
-                              args.solved_replay if phase == "online" else 0.0)
-    if phase == "online":  # --spare-rewarded acts on the offline steps only (see afsft_loss)
+    batch = run.buffer.sample(run.rng, args.batch_turns, args.run_length, solved_share(args, phase))
+    if phase == "online":  # the data's two witnesses act on the offline steps only (see afsft_loss)
         batch["rewarded_after"][:] = False
+        batch["failed_after"][:] = False
     warmup = run.step < int(args.sft_warmup * args.offline_steps)  # f = 1 while the critic first learns
     stats = gradient_step(run.agent, run.optimizer, batch, args, warmup, run.device, run.world)
     run.average.update()

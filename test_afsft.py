@@ -131,6 +131,16 @@ def test_exp_filter_spares_the_tokens_the_data_vouches_for():
     assert w.tolist() == pytest.approx([0.0, math.exp(-1.0), math.exp(-0.1), 3.0])
 
 
+def test_exp_filter_drops_the_condemned_tokens_unless_the_critic_is_sure():
+    """A token of a turn whose episode failed is dropped unless A > m; spared and plain tokens as before."""
+    advantage = torch.tensor([-1.0, 0.1, 0.3, 2.0, -0.1, -1.0])
+    spared = torch.tensor([False, False, False, False, False, True])
+    condemned = torch.tensor([True, True, True, True, False, False])
+    w = afsft.filter_weights(advantage, "exp", beta=1.0, max_weight=3.0, drop_margin=0.25, spared=spared,
+                             condemned=condemned)
+    assert w.tolist() == pytest.approx([0.0, 0.0, math.exp(0.3), 3.0, math.exp(-0.1), math.exp(-1.0)])
+
+
 def test_buffer_marks_the_turns_that_went_on_to_a_positive_reward():
     """Rewards -0.1, 0, 1, 0: turns 0-2 precede or earn the reward, turn 3 comes after it."""
     episode = make_episode(4, True)
@@ -140,6 +150,7 @@ def test_buffer_marks_the_turns_that_went_on_to_a_positive_reward():
     turns = [(0, t, False) for t in range(4)] + [(1, 0, False)]
     batch = afsft.Buffer([episode, unrewarded]).collate(turns, [])
     assert batch["rewarded_after"].tolist() == [True, True, True, False, False]
+    assert batch["failed_after"].tolist() == [False, False, False, True, True]
 
 
 def test_filter_none_is_exactly_sft_cross_entropy():
@@ -428,6 +439,16 @@ def test_buffer_samples_runs_of_consecutive_turns():
             assert batch["returns"][i].item() == pytest.approx(sum(0.9 ** k * (t + k) for k in range(10 - t)))
     # truncated
     assert batch["has_return"].all() and not buffer.collate([(1, 0, False)], [])["has_return"].any()
+
+
+def test_offline_batches_replay_solved_episodes_only_where_the_filter_drops_failed_ones():
+    """Online every filter replays --solved-replay; offline only the exp filter with --drop-failed does."""
+    assert afsft.solved_share(afsft.Args(), "offline") == 0.5
+    assert afsft.solved_share(afsft.Args(), "online") == 0.5
+    assert afsft.solved_share(afsft.Args(filter="none"), "offline") == 0.0  # SFT samples the data as it is
+    assert afsft.solved_share(afsft.Args(filter="none"), "online") == 0.5
+    assert afsft.solved_share(afsft.Args(drop_failed=False), "offline") == 0.0
+    assert afsft.solved_share(afsft.Args(filter="binary"), "offline") == 0.0
 
 
 def test_solved_replay_fills_its_share_of_the_batch_from_rewarded_episodes():

@@ -645,7 +645,7 @@ def afsft_loss(agent, batch, args: Args, warmup: bool, device):
     # looks better than `go`), and without this the margin dropped a quarter of the expert's `go` tokens.
     # The witness also speaks against: a turn from which its episode never went on to a positive reward is
     # dropped unless the critic is sure it beats the policy (A > m). On mixed data most of those are the
-    # noise's, and a soft weight capped at w_max cannot overturn its majority of about 7 to 1 (see
+    # non-expert's, and a soft weight capped at w_max cannot overturn its majority of about 7 to 1 (see
     # `filter_weights`): keeping only the successful episodes ("filtered BC") beat the critic alone on every
     # seed of BabyAI's mixed-0.1 rows (experiments/findings.md, session 48). The critic still ranks the
     # kept tokens, and can keep a failed episode's move it is sure of (random data).

@@ -885,6 +885,7 @@ def save_checkpoint(args: Args, run: Run):
     trained = {name: p.detach() for name, p in run.average.trained.items()}
     torch.save({"critic": run.agent.critic.state_dict(), "target": run.agent.target.state_dict(),
                 "trained_policy": trained, "average_updates": run.average.updates,
+                "valid_responses": sorted(run.agent.valid_responses),  # the grammar of (6) so far
                 "args": asdict(args), "optimizer": run.optimizer.state_dict(), "step": run.step,
                 "rng": {"torch": torch.get_rng_state(), "numpy": run.rng.bit_generator.state}},
                os.path.join(tmp, "state.pt"))
@@ -925,7 +926,7 @@ def load_resume_state(args: Args):
 
 def restore(run: Run, resumed: dict, args: Args):
     """Continue a saved run: the heads, the policy's trained weights and their average, the optimizer, the
-    step, and rank 0's random streams and online episodes."""
+    step, the grammar of (6) the batches have held, and rank 0's random streams and online episodes."""
     try:
         run.agent.critic.load_state_dict(resumed["critic"])
         run.agent.target.load_state_dict(resumed["target"])
@@ -944,6 +945,7 @@ def restore(run: Run, resumed: dict, args: Args):
     for group in run.optimizer.param_groups:  # the loaded state holds the old run's lr; the flags given win
         group.update(lr=args.lr, weight_decay=args.weight_decay)
     run.step = resumed["step"]
+    run.agent.valid_responses = set(map(tuple, resumed.get("valid_responses", [])))
     if run.master:
         torch.set_rng_state(resumed["rng"]["torch"])
         run.rng.bit_generator.state = resumed["rng"]["numpy"]

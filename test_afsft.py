@@ -1014,6 +1014,25 @@ def test_non_finite_loss_skips_the_batch_and_never_reaches_the_weights(tmp_path,
     assert tensors and all(torch.isfinite(t.float()).all() for t in tensors)
 
 
+@pytest.mark.slow
+def test_the_critic_trains_the_trunk_on_the_online_rounds_only(tmp_path, dataset, monkeypatch):
+    """Offline the critic head reads detached features (--critic-trunk none); online, where it decides the
+    filter alone, its loss trains the trunk (--online-critic-trunk valid); the run saves its own flags."""
+    real, trunks = afsft.afsft_loss, []
+
+    def recording(agent, batch, args, warmup, device):
+        trunks.append(args.critic_trunk)
+        return real(agent, batch, args, warmup, device)
+
+    monkeypatch.setattr(afsft, "afsft_loss", recording)
+    run = str(tmp_path / "run")
+    afsft.main(["--offline", dataset, "--out", run, "--offline-steps", "2", "--online-rounds", "1",
+                "--eval-episodes", "0", *SMALL])
+    assert trunks == ["none", "none", "valid", "valid"]  # 2 offline steps, then 1 round of 2 updates
+    state = torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=True)
+    assert state["args"]["critic_trunk"] == "none" and state["args"]["online_critic_trunk"] == "valid"
+
+
 class SeedLengthEnv:
     """Odd seeds win on the first turn; even seeds time out after 5 turns of no reward."""
     observation = {"image": np.zeros((8, 8, 3), np.uint8), "prompt": "p"}

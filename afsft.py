@@ -1059,11 +1059,10 @@ def train_step(run: Run, args: Args, phase: str):
     if run.interrupted:  # Ctrl-C, raised here: inside a library's finalizer it would be lost
         raise KeyboardInterrupt
     batch = run.buffer.sample(run.rng, args.batch_turns, args.run_length, solved_share(args, phase))
-    if phase == "online":  # the data's two witnesses act on the offline steps only (see afsft_loss)
-        batch["rewarded_after"][:] = False
-        batch["failed_after"][:] = False
-    # online the critic decides alone, so its loss also shapes the features it reads (see afsft_loss)
-    step_args = replace(args, critic_trunk=args.online_critic_trunk) if phase == "online" else args
+    # Online the data's two witnesses are silent and the critic decides alone, so its loss also shapes the
+    # features it reads (see afsft_loss).
+    step_args = args if phase == "offline" else replace(
+        args, spare_rewarded=False, drop_failed=False, critic_trunk=args.online_critic_trunk)
     warmup = run.step < int(args.sft_warmup * args.offline_steps)  # f = 1 while the critic first learns
     stats = gradient_step(run.agent, run.optimizer, batch, step_args, warmup, run.device, run.world)
     run.average.update()
